@@ -1,0 +1,1 @@
+"""Datasets, training loops, metrics and distributed launch (needs the `train` extra)."""
