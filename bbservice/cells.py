@@ -152,6 +152,8 @@ class GatedLSTMCell(nn.Module):
             z = mm_h(xz, m)
         else:
             z = mm_h(xp, h)
+        if z.dtype != c.dtype:  # autocast: matmuls in half precision, gate math in float32
+            z = z.to(c.dtype)
         hs = self.hidden_size
         zgate, zg, zo = z.split([z.shape[1] - 2 * hs, hs, hs], dim=1)
         gates = self.gate(zgate, mode, noise, generator)

@@ -1,0 +1,674 @@
+"""Image captioning: a ResNet grid encoder and a soft-attention decoder with gated-LSTM recurrence.
+
+Show, Attend and Tell (Xu et al., 2015), with the LSTM's input and forget gates drawn from any
+gate family of ``shared/docs/GATES.md`` (default ``bbeta5``)::
+
+    images (B, 3, S, S) ──ResNetEncoder──▶ features (B, P = G·G, C)
+    features ──encode_features──▶ projected (B, P, A), h0 (B, H), c0 (B, H)
+    every step t:   context, α_t = SoftAttention(features, h)            (B, C), (B, P)
+                    β = σ(f_β(h))                                       (B, 1) gating scalar
+                    h, c = GatedLSTMCell([embed(w_{t-1}), β·context], (h, c))
+                    log p(w_t) = log_softmax(Linear(dropout(h)))        (B, V)
+
+The loss per caption is SAT's: the summed token cross-entropy, plus λ·Σ_p (1 − Σ_t α_tp)²
+(the doubly-stochastic attention regulariser), plus kl_weight·(gate prior KL summed over
+steps and units); the batch loss divides the sum over captions by the number of real tokens,
+so the CE term is the usual per-token mean and the KL is normalised per token as GATES.md says.
+
+:meth:`AttentionDecoder.step` is one decoding step with the whole state as explicit inputs and
+outputs and no data-dependent Python control flow: with mean gates it is the graph exported
+to ONNX. :class:`TorchCaptionStepper` drives it from the NumPy decoders of
+:mod:`bbservice.decoding`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bbservice.cells import GatedLSTMCell
+from bbservice.errors import ConfigError, DataError
+from bbservice.gates import GateConfig, resolve_gate_mode
+
+ENCODER_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Output channels of layer1..layer4.
+_STAGE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+    "resnet152": (256, 512, 1024, 2048),
+}
+START_ID, END_ID, PAD_ID = 1, 2, 0  # the ids of training.caption_data.Vocabulary
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionConfig:
+    """Everything that defines a caption model (saved as ``config.json["model"]``).
+
+    Parameters
+    ----------
+    vocab_size : words including the four specials (``<pad>``, ``<start>``, ``<end>``, ``<unk>``).
+    encoder : torchvision ResNet, one of :data:`ENCODER_ARCHS`; built with ``weights=None``.
+    encoder_weights : optional local weights file (``.safetensors`` or a ``torch.save`` state
+        dict) of that ResNet, loaded when the model is first built (never downloaded).
+    encoder_stages : ResNet stages kept (1-4). 4 is the usual stride-32 grid; 3 (stride 16)
+        gives a finer grid on small images, e.g. 4×4 at 64 px.
+    fine_tune : train the encoder (else it is frozen, batch-norm statistics included).
+    image_size : side S of the square input images.
+    grid_size : G: the feature map is adaptive-average-pooled to G×G, P = G² positions.
+    embed_dim, attention_dim, hidden_size : E, A, H.
+    dropout : on h before the output layer.
+    gate : gate family and its hyper-parameters (``kl_weight`` is the prior's λ).
+    max_length : longest caption in words (training truncates, decoding stops there).
+    attention_reg : λ of the doubly-stochastic attention regulariser.
+    """
+
+    vocab_size: int = 0
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None
+    encoder_stages: int = 4
+    fine_tune: bool = False
+    image_size: int = 224
+    grid_size: int = 7
+    embed_dim: int = 256
+    attention_dim: int = 256
+    hidden_size: int = 512
+    dropout: float = 0.5
+    gate: GateConfig = field(default_factory=lambda: GateConfig(family="bbeta5"))
+    max_length: int = 20
+    attention_reg: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gate, str):
+            self.gate = GateConfig(family=self.gate)
+        elif isinstance(self.gate, dict):
+            self.gate = GateConfig(**self.gate)
+        if self.encoder not in ENCODER_ARCHS:
+            raise ConfigError(
+                f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODER_ARCHS)}"
+            )
+        if self.vocab_size != 0 and self.vocab_size < 5:  # 0: not known yet (set from the data)
+            raise ConfigError(
+                f"vocab_size must be >= 5 (4 specials + words), got {self.vocab_size}"
+            )
+        if not 1 <= self.encoder_stages <= 4:
+            raise ConfigError(f"encoder_stages must be in 1..4, got {self.encoder_stages}")
+        for name in ("image_size", "grid_size", "embed_dim", "attention_dim", "hidden_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 16:
+            raise ConfigError(f"image_size must be >= 16, got {self.image_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.max_length < 1:
+            raise ConfigError(f"max_length must be >= 1, got {self.max_length}")
+        if self.attention_reg < 0:
+            raise ConfigError(f"attention_reg must be >= 0, got {self.attention_reg}")
+
+    @property
+    def feature_dim(self) -> int:
+        """C: channels of the encoder's last kept stage."""
+        return _STAGE_CHANNELS[self.encoder][self.encoder_stages - 1]
+
+    @property
+    def positions(self) -> int:
+        """P = G²."""
+        return self.grid_size * self.grid_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CaptionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"caption config: unknown fields {unknown}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------------
+
+
+def load_resnet_weights(net: nn.Module, path: str | Path, arch: str) -> None:
+    """Load a local weights file into a full torchvision ResNet, or raise a one-line DataError.
+
+    Accepts ``.safetensors`` or a ``torch.save``-d state dict (optionally under "state_dict" or
+    "model", optionally with DDP's ``module.`` prefix). The classifier (``fc.*``) may be absent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: encoder weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip readers raise many types
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: not a readable weights file ({detail})") from err
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise DataError(f"{path}: expected a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = net.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise DataError(f"{path}: does not match a torchvision {arch}: {', '.join(parts)}")
+    net.load_state_dict(state, strict=False)
+
+
+class ResNetEncoder(nn.Module):
+    """torchvision ResNet without avgpool/fc, average-pooled to a G×G grid of features.
+
+    ``forward(images (B, 3, S, S)) -> features (B, P = G·G, C)``. Frozen (the default) means no
+    gradients *and* batch norm kept in eval mode, so its running statistics never move.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        grid_size: int = 7,
+        stages: int = 4,
+        weights: str | Path | None = None,
+        fine_tune: bool = False,
+    ) -> None:
+        super().__init__()
+        import torchvision
+
+        if arch not in ENCODER_ARCHS:
+            raise ConfigError(f"unknown encoder {arch!r}; choose one of {', '.join(ENCODER_ARCHS)}")
+        net = getattr(torchvision.models, arch)(weights=None)  # never downloads
+        if weights is not None:
+            load_resnet_weights(net, weights, arch)
+        layers = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu)]
+        layers += [("maxpool", net.maxpool)]
+        layers += [(f"layer{k}", getattr(net, f"layer{k}")) for k in range(1, stages + 1)]
+        self.body = nn.Sequential(OrderedDict(layers))  # keys: body.conv1.weight, ...
+        self.pool = nn.AdaptiveAvgPool2d(grid_size)
+        self.out_channels = _STAGE_CHANNELS[arch][stages - 1]
+        self.fine_tune = fine_tune
+        self.set_fine_tune(fine_tune)
+
+    def set_fine_tune(self, fine_tune: bool) -> None:
+        self.fine_tune = fine_tune
+        for p in self.body.parameters():
+            p.requires_grad_(fine_tune)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ResNetEncoder:
+        super().train(mode)
+        if not self.fine_tune:
+            self.body.eval()  # frozen: batch-norm statistics stay as loaded
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.body(images)  # (B, C, S/stride, S/stride)
+        x = self.pool(x)  # (B, C, G, G)
+        return x.flatten(2).transpose(1, 2)  # (B, P, C)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention and decoder
+# --------------------------------------------------------------------------------------------
+
+
+class SoftAttention(nn.Module):
+    """Additive soft attention: ``e_p = wᵀ tanh(W_f f_p + W_h h)``, ``α = softmax_p(e)``.
+
+    ``forward(features (B, P, C), h (B, H), projected=None) -> context (B, C), alpha (B, P)``;
+    ``projected`` = :meth:`project_features` (``W_f f``, ``(B, P, A)``) may be passed in so it is
+    computed once per image instead of once per step.
+    """
+
+    def __init__(self, feature_dim: int, hidden_size: int, attention_dim: int) -> None:
+        super().__init__()
+        self.feature_proj = nn.Linear(feature_dim, attention_dim)
+        self.hidden_proj = nn.Linear(hidden_size, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def project_features(self, features: Tensor) -> Tensor:
+        return self.feature_proj(features)  # (B, P, A)
+
+    def forward(
+        self, features: Tensor, h: Tensor, projected: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if projected is None:
+            projected = self.project_features(features)  # (B, P, A)
+        e = self.score(torch.tanh(projected + self.hidden_proj(h).unsqueeze(1)))  # (B, P, 1)
+        alpha = torch.softmax(e.squeeze(2), dim=1)  # (B, P)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, C)
+        return context, alpha
+
+
+class AttentionDecoder(nn.Module):
+    """SAT decoder whose recurrence is a :class:`GatedLSTMCell` of any gate family.
+
+    Teacher forcing: :meth:`forward`. Decoding: :meth:`encode_features` once per image, then
+    :meth:`step` once per token.
+    """
+
+    def __init__(self, config: CaptionConfig) -> None:
+        super().__init__()
+        c = config
+        if c.vocab_size < 5:
+            raise ConfigError("the decoder needs vocab_size (set it from the vocabulary)")
+        C, H = c.feature_dim, c.hidden_size
+        self.config = c
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.attention = SoftAttention(C, H, c.attention_dim)
+        self.init_h = nn.Linear(C, H)
+        self.init_c = nn.Linear(C, H)
+        self.f_beta = nn.Linear(H, 1)  # SAT's gating scalar β
+        self.cell = GatedLSTMCell(c.embed_dim + C, H, gate=c.gate)
+        self.dropout = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(H, c.vocab_size)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    # -- pieces shared by teacher forcing and decoding --------------------------------------
+
+    def encode_features(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-image precomputation: ``projected`` (N, P, A) and the initial ``h``, ``c`` (N, H)."""
+        mean = features.mean(dim=1)  # (N, C)
+        h = torch.tanh(self.init_h(mean))  # (N, H)
+        c = self.init_c(mean)  # (N, H)
+        return self.attention.project_features(features), h, c
+
+    def _advance(
+        self,
+        emb: Tensor,
+        h: Tensor,
+        c: Tensor,
+        features: Tensor,
+        projected: Tensor,
+        mode: str,
+        noise=None,
+        matmuls=None,
+        generator: torch.Generator | None = None,
+    ):
+        """One recurrence step from the embedded previous word ``emb`` (N, E)."""
+        context, alpha = self.attention(features, h, projected)  # (N, C), (N, P)
+        beta = torch.sigmoid(self.f_beta(h))  # (N, 1)
+        x = torch.cat([emb, beta * context], dim=1)  # (N, E + C)
+        xp = self.cell.input_projection(x)  # (N, k·H)
+        h, c, gates = self.cell.recurrent_step(xp, (h, c), mode, noise, matmuls, generator)
+        return h, c, alpha, gates
+
+    def step(
+        self,
+        prev_tokens: Tensor,
+        h: Tensor,
+        c: Tensor,
+        features: Tensor,
+        gate_mode: str = "mean",
+        projected: Tensor | None = None,
+        *,
+        matmuls=None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One decoding step; the whole state goes in and comes out.
+
+        Parameters
+        ----------
+        prev_tokens : (N,) int64, the previous word (``<start>`` first).
+        h, c : (N, H) state.
+        features : (N, P, C) encoder features.
+        gate_mode : ``"mean"`` (deterministic; the exported graph) or ``"sample"``.
+        projected : (N, P, A) from :meth:`encode_features`; computed here when ``None``.
+        matmuls : from ``self.cell.recurrent_matmuls(N)``, made once per decode (optional).
+        generator : torch RNG for sampled gates.
+
+        Returns
+        -------
+        log_probs (N, V), h (N, H), c (N, H), alpha (N, P).
+        """
+        if projected is None:
+            projected = self.attention.project_features(features)
+        emb = self.embedding(prev_tokens)  # (N, E)
+        h, c, alpha, _ = self._advance(
+            emb, h, c, features, projected, gate_mode, None, matmuls, generator
+        )
+        log_probs = F.log_softmax(self.fc(self.dropout(h)), dim=1)  # (N, V)
+        return log_probs, h, c, alpha
+
+    # -- teacher forcing ---------------------------------------------------------------------
+
+    def forward(
+        self,
+        features: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        gate_mode: str | None = None,
+        sample_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced pass (optionally with scheduled sampling).
+
+        Parameters
+        ----------
+        features : (B, P, C).
+        captions : (B, L) int64 ``<start> w1 .. wk <end> <pad>..``; T = L − 1 steps are run.
+        lengths : (B,) caption lengths including ``<start>`` and ``<end>``.
+        gate_mode : ``None`` (sample in training, mean in eval), ``"sample"`` or ``"mean"``.
+        sample_prob : scheduled sampling: at each step t ≥ 1 every caption independently feeds
+            its own previous prediction (a draw from the model's distribution) instead of the
+            true previous word with this probability.
+
+        Returns
+        -------
+        logits (B, T, V); alphas (B, T, P) with zeros past each caption's end; kl (B,): the gate
+        prior KL summed over each caption's real steps (zeros without a prior).
+        """
+        B, L = captions.shape
+        T = L - 1
+        mode = resolve_gate_mode(gate_mode, self.training)
+        projected, h, c = self.encode_features(features)
+        inputs = self.embedding(captions[:, :-1])  # (B, T, E)
+        active = (
+            torch.arange(T, device=captions.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+        ).to(features.dtype)  # (B, T)
+        cell = self.cell
+        noise = None
+        if mode == "sample" and cell.gate.stochastic:
+            noise = cell.gate.draw_noise(T, B, cell.hidden_size, features, generator)
+        want_kl = cell.config.kl_weight > 0
+        kl = features.new_zeros(B)
+        matmuls = cell.recurrent_matmuls(B)
+        hs, alphas, step_logits = [], [], []
+        for t, emb in enumerate(inputs.unbind(1)):
+            if sample_prob > 0.0 and t > 0:
+                with torch.no_grad():
+                    probs = torch.softmax(step_logits[-1].detach().float(), dim=1)
+                    own = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+                    coin = torch.rand(B, device=own.device, generator=generator) < sample_prob
+                emb = torch.where(coin.unsqueeze(1), self.embedding(own), emb)
+            step_noise = None if noise is None else noise[t]
+            h, c, alpha, gates = self._advance(
+                emb, h, c, features, projected, mode, step_noise, matmuls, generator
+            )
+            hs.append(h)
+            alphas.append(alpha)
+            if want_kl:
+                kl = kl + cell.gate.kl(gates.alpha) * active[:, t]
+            if sample_prob > 0.0:
+                step_logits.append(self.fc(self.dropout(h)))  # (B, V)
+        if step_logits:
+            logits = torch.stack(step_logits, dim=1)  # (B, T, V)
+        else:
+            logits = self.fc(self.dropout(torch.stack(hs, dim=1)))  # (B, T, V)
+        alphas_t = torch.stack(alphas, dim=1) * active.unsqueeze(2)  # (B, T, P)
+        return logits, alphas_t, kl
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model and its loss
+# --------------------------------------------------------------------------------------------
+
+
+class CaptionLoss(NamedTuple):
+    """The batch loss and its parts, each already divided by ``tokens``."""
+
+    total: Tensor
+    ce: Tensor  # mean token cross-entropy
+    attention: Tensor  # λ-free doubly-stochastic regulariser per token
+    kl: Tensor  # weight-free gate prior KL per token
+    tokens: int
+
+
+def caption_loss(
+    logits: Tensor,
+    alphas: Tensor,
+    kl: Tensor,
+    captions: Tensor,
+    lengths: Tensor,
+    attention_reg: float,
+    kl_weight: float,
+) -> CaptionLoss:
+    """SAT's loss: Σ CE + λ·Σ_b Σ_p (1 − Σ_t α_btp)² + kl_weight·Σ KL, divided by the token count.
+
+    ``logits`` (B, T, V), ``alphas`` (B, T, P) zero past each end, ``kl`` (B,), ``captions``
+    (B, T + 1), ``lengths`` (B,) including ``<start>``/``<end>``. Tokens are the predicted
+    words and ``<end>``: Σ (lengths − 1).
+    """
+    T = logits.shape[1]
+    targets = captions[:, 1 : T + 1]  # (B, T)
+    mask = torch.arange(T, device=logits.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    tokens = int(mask.sum())
+    ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+    att = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum()  # Σ_b Σ_p
+    kl_sum = kl.float().sum()
+    total = (ce + attention_reg * att + kl_weight * kl_sum) / tokens
+    return CaptionLoss(total, ce / tokens, att / tokens, kl_sum / tokens, tokens)
+
+
+class CaptionModel(nn.Module):
+    """Encoder + decoder. ``forward(images, captions, lengths, ...)`` = teacher forcing."""
+
+    def __init__(
+        self, encoder: ResNetEncoder, decoder: AttentionDecoder, config: CaptionConfig
+    ) -> None:
+        super().__init__()
+        self.encoder, self.decoder, self.config = encoder, decoder, config
+
+    @classmethod
+    def build(cls, config: CaptionConfig, load_encoder_weights: bool = True) -> CaptionModel:
+        """A freshly initialised model; ``encoder_weights`` is read if given and asked for."""
+        encoder = ResNetEncoder(
+            config.encoder,
+            config.grid_size,
+            config.encoder_stages,
+            config.encoder_weights if load_encoder_weights else None,
+            config.fine_tune,
+        )
+        return cls(encoder, AttentionDecoder(config), config)
+
+    def forward(
+        self,
+        images: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        gate_mode: str | None = None,
+        sample_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        features = self.encoder(images)  # (B, P, C)
+        return self.decoder(features, captions, lengths, gate_mode, sample_prob, generator)
+
+    def loss(self, outputs: tuple[Tensor, Tensor, Tensor], captions, lengths) -> CaptionLoss:
+        logits, alphas, kl = outputs
+        return caption_loss(
+            logits,
+            alphas,
+            kl,
+            captions,
+            lengths,
+            self.config.attention_reg,
+            self.config.gate.kl_weight,
+        )
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of the encoder, the decoder, the whole model and the trainable part."""
+        return {
+            "encoder": sum(p.numel() for p in self.encoder.parameters()),
+            "decoder": sum(p.numel() for p in self.decoder.parameters()),
+            "total": sum(p.numel() for p in self.parameters()),
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+        }
+
+    @classmethod
+    def from_checkpoint(
+        cls, folder: str | Path, device: torch.device | str = "cpu"
+    ) -> CaptionModel:
+        """The model of a checkpoint folder (``best/``, ``last/`` or a run folder), in eval mode.
+
+        The folder holds ``config.json`` (``{"kind": "caption", "model": {...}}``) and
+        ``model.safetensors``; the encoder's weights come from the checkpoint, so
+        ``encoder_weights`` is not read again.
+        """
+        from safetensors.torch import load_file
+
+        folder = checkpoint_folder(folder)
+        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+        if not folder.is_dir():
+            raise DataError(f"checkpoint '{folder}' does not exist")
+        if not config_path.is_file() or not weights_path.is_file():
+            raise DataError(
+                f"'{folder}' is not a checkpoint folder (needs config.json and model.safetensors)"
+            )
+        try:
+            data = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{config_path}: corrupt checkpoint config ({err})") from err
+        if not isinstance(data, dict) or data.get("kind", "caption") != "caption":
+            kind = data.get("kind") if isinstance(data, dict) else None
+            raise DataError(f"checkpoint '{folder}' is a {kind!r} model, not caption")
+        if not isinstance(data.get("model"), dict):
+            raise DataError(f"{config_path}: no 'model' section")
+        config = CaptionConfig.from_dict(data["model"])
+        model = cls.build(config, load_encoder_weights=False)
+        try:
+            model.load_state_dict(load_file(str(weights_path), device=str(device)))
+        except Exception as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(f"{weights_path}: weights do not load ({detail})") from err
+        return model.to(device).eval()
+
+
+def checkpoint_folder(folder: str | Path) -> Path:
+    """A checkpoint folder itself, or the ``best/`` checkpoint of a run folder."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and (folder / "best" / "config.json").is_file():
+        return folder / "best"
+    return folder
+
+
+def count_decoder_parameters(config: CaptionConfig) -> int:
+    """Parameters of the decoder a config builds (built on the meta device: no memory, fast)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in AttentionDecoder(config).parameters())
+
+
+def hidden_size_for_budget(config: CaptionConfig, target: int) -> int:
+    """The hidden size whose decoder parameter count is closest to ``target``."""
+    from dataclasses import replace
+
+    lo, hi = 1, 8192
+    while lo < hi:  # smallest H with count >= target (counts grow with H)
+        mid = (lo + hi) // 2
+        if count_decoder_parameters(replace(config, hidden_size=mid)) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    below = max(lo - 1, 1)
+    count = {h: count_decoder_parameters(replace(config, hidden_size=h)) for h in (below, lo)}
+    return min(count, key=lambda h: abs(count[h] - target))
+
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch backend of bbservice.decoding
+# --------------------------------------------------------------------------------------------
+
+
+class TorchCaptionStepper:
+    """A :class:`bbservice.decoding.Stepper` over a :class:`CaptionModel` in PyTorch.
+
+    ``start(images (B, 3, S, S) float32)`` runs the encoder once (encoder features (B, P, C)
+    are accepted too) and returns the state
+    ``{"h", "c": (B, H), "features": (B, P, C), "projected": (B, P, A)}``; ``step(tokens (N,),
+    state)`` runs :meth:`AttentionDecoder.step`. ``features`` and ``projected`` never change
+    during a decode (:attr:`static_keys`). ``gate_mode="sample"`` draws fresh gate noise for
+    every row and step from a torch Generator seeded with ``seed``, so S rows of one image are
+    S independent stochastic-gate passes.
+
+    Everything crosses as NumPy (a zero-copy view on the CPU; on CUDA a copy per step).
+    """
+
+    static_keys = ("features", "projected")
+
+    def __init__(
+        self,
+        model: CaptionModel,
+        gate_mode: str = "mean",
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.gate_mode = resolve_gate_mode(gate_mode, training=False)
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(seed)
+        self._matmuls = None
+
+    def _t(self, array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    @staticmethod
+    def _np(tensor: Tensor) -> np.ndarray:
+        return tensor.detach().float().cpu().numpy()
+
+    def start(self, inputs: np.ndarray | Tensor) -> dict[str, np.ndarray]:
+        """``inputs``: images (B, 3, S, S), or encoder features (B, P, C) computed already."""
+        with torch.inference_mode():
+            x = inputs if isinstance(inputs, Tensor) else self._t(np.asarray(inputs, np.float32))
+            x = x.to(self.device, torch.float32)
+            features = self.model.encoder(x) if x.dim() == 4 else x  # (B, P, C)
+            projected, h, c = self.model.decoder.encode_features(features)
+            # Pre-packed recurrent weights: once per decode, reused by every step.
+            self._matmuls = self.model.decoder.cell.recurrent_matmuls(features.shape[0])
+        return {
+            "h": self._np(h),
+            "c": self._np(c),
+            "features": self._np(features),
+            "projected": self._np(projected),
+        }
+
+    def step(
+        self, tokens: np.ndarray, state: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        with torch.inference_mode():
+            log_probs, h, c, alpha = self.model.decoder.step(
+                self._t(tokens.astype(np.int64, copy=False)),
+                self._t(state["h"]),
+                self._t(state["c"]),
+                self._t(state["features"]),
+                self.gate_mode,
+                self._t(state["projected"]),
+                matmuls=self._matmuls,
+                generator=self.generator,
+            )
+        new_state = dict(state, h=self._np(h), c=self._np(c))
+        return self._np(log_probs), new_state, self._np(alpha)

@@ -1,0 +1,156 @@
+"""The piano-roll model: a gated RNN over 88-key frames predicting the next frame.
+
+    frames (B, T, 88) ──GatedLSTM (any family, L layers, locked dropout)──▶ (B, T, H)
+        ──locked dropout──▶ Linear(H, 88) ──▶ logits (B, T, 88); p(key on) = σ(logit)
+
+The output at step t predicts frame t + 1; keys are independent Bernoullis given the past.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import Tensor, nn
+
+from bbservice.cells import GatedLSTM, LockedDropout, State
+from bbservice.errors import ConfigError
+from bbservice.gates import GateConfig, resolve_gate_mode
+
+N_KEYS = 88
+
+# Hidden sizes that put a 2-layer model at GATES.md's ~0.57M parameter budget.
+BUDGET_HIDDEN = {
+    "lstm": 200,
+    "g2": 200,
+    "cifg": 232,
+    "beta": 161,
+    "bbeta3": 177,
+    "bbeta5": 148,
+    "mlstm": 178,
+}
+
+
+@dataclass
+class MusicConfig:
+    """Everything that defines a piano-roll model (saved next to every checkpoint)."""
+
+    gate: GateConfig = field(default_factory=lambda: GateConfig(family="bbeta5"))
+    hidden_size: int = 148
+    num_layers: int = 2
+    dropout: float = 0.0
+    n_keys: int = N_KEYS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gate, dict):
+            self.gate = GateConfig(**self.gate)
+        if self.hidden_size < 1 or self.num_layers < 1:
+            raise ConfigError("hidden_size and num_layers must be >= 1")
+
+    @classmethod
+    def preset(cls, family: str, **overrides) -> MusicConfig:
+        """The ~0.57M-parameter 2-layer configuration of a family (GATES.md budget)."""
+        gate_fields = {f.name for f in fields(GateConfig)} - {"family"}
+        gate_kw = {k: overrides.pop(k) for k in list(overrides) if k in gate_fields}
+        if family not in BUDGET_HIDDEN:
+            raise ConfigError(
+                f"unknown gate family {family!r}; choose one of {list(BUDGET_HIDDEN)}"
+            )
+        overrides.setdefault("hidden_size", BUDGET_HIDDEN[family])
+        return cls(gate=GateConfig(family=family, **gate_kw), **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MusicConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class PianoRollModel(nn.Module):
+    """Gated RNN + linear read-out with an independent sigmoid per key."""
+
+    def __init__(self, config: MusicConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.rnn = GatedLSTM(
+            config.n_keys,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout,
+            gate=config.gate,
+        )
+        self.output_dropout = LockedDropout(config.dropout)
+        self.readout = nn.Linear(config.hidden_size, config.n_keys)
+
+    def forward(
+        self,
+        frames: Tensor,
+        lengths: Tensor | None = None,
+        state: State | None = None,
+        *,
+        gate_mode: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, State]:
+        """``frames`` ``(B, T, 88)`` float → logits ``(B, T, 88)`` for frames 2..T+1, state."""
+        hidden, state = self.rnn(
+            frames, state, gate_mode=gate_mode, lengths=lengths, generator=generator
+        )
+        hidden = self.output_dropout(hidden, time_dim=1)
+        return self.readout(hidden), state
+
+    def kl_loss(self) -> Tensor:
+        """λ · prior KL of the last forward pass (0 without a prior)."""
+        return self.rnn.kl_loss()
+
+    def step(
+        self, frame: Tensor, h: Tensor, c: Tensor, gate_mode: str = "mean"
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One step with explicit state, as exported to ONNX.
+
+        ``frame`` ``(B, 88)``; ``h``, ``c`` ``(L, B, H)`` → key probabilities ``(B, 88)``, ``h``,
+        ``c``. No Python control flow depends on the data.
+        """
+        mode = resolve_gate_mode(gate_mode, self.training)
+        x = frame
+        hs, cs = [], []
+        for layer, cell in enumerate(self.rnn.cells):
+            h_l, c_l, _ = cell.recurrent_step(cell.input_projection(x), (h[layer], c[layer]), mode)
+            hs.append(h_l)
+            cs.append(c_l)
+            x = h_l
+        return torch.sigmoid(self.readout(x)), torch.stack(hs), torch.stack(cs)
+
+    def zero_state(self, batch: int, device=None) -> State:
+        shape = (self.config.num_layers, batch, self.config.hidden_size)
+        zeros = torch.zeros(shape, device=device)
+        return zeros, zeros.clone()
+
+
+def frame_nll_sum(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Summed Bernoulli NLL over keys and (masked) frames, in nats.
+
+    ``logits``, ``targets`` ``(B, T, 88)``; ``mask`` ``(B, T)`` of valid predicted frames.
+    """
+    bce = nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), reduction="none"
+    ).sum(-1)
+    if mask is not None:
+        bce = bce * mask
+    return bce.sum()
+
+
+def probability_nll_sum(probs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """As :func:`frame_nll_sum` from probabilities (for Monte-Carlo averaged predictions)."""
+    p = probs.double().clamp(1e-12, 1 - 1e-12)
+    y = targets.double()
+    nll = -(y * torch.log(p) + (1 - y) * torch.log1p(-p)).sum(-1)
+    if mask is not None:
+        nll = nll * mask
+    return nll.sum()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,228 @@
+"""Caption training, evaluation and captioning end to end on a few generated scenes (CLI too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bbservice.cli import main
+from bbservice.gates import GateConfig
+from bbservice.models.caption import CaptionConfig, CaptionModel
+from training.caption_data import Vocabulary
+from training.scenes import generate_scenes
+from training.train_caption import CaptionTrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ARGS = [
+    "--image-size", "32", "--grid", "2", "--encoder-stages", "2", "--hidden", "24",
+    "--embed-dim", "16", "--attention-dim", "16", "--min-count", "1", "--batch-size", "8",
+    "--max-length", "12", "--fine-tune", "--lr", "3e-3", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scenes")
+    return generate_scenes(
+        out, n_train=40, n_val=8, n_test=8, seed=0, image_size=32, holdout=[("red", "triangle")]
+    )
+
+
+def small_config(data: Path, out: Path, **kw) -> CaptionTrainConfig:
+    model = CaptionConfig(
+        image_size=32,
+        grid_size=2,
+        encoder_stages=2,
+        fine_tune=True,
+        embed_dim=16,
+        attention_dim=16,
+        hidden_size=24,
+        dropout=0.1,
+        gate=GateConfig(family="bbeta5", kl_weight=1e-3),
+        max_length=12,
+    )
+    base = dict(
+        data=str(data), out=str(out), epochs=2, batch_size=8, lr=3e-3, min_count=1, seed=3,
+        progress=False, model=model,
+    )  # fmt: skip
+    return CaptionTrainConfig(**{**base, **kw})
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(scenes, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    train(small_config(scenes, run, ss_max=0.5, ss_ramp=1))
+    return run
+
+
+def test_training_writes_best_last_logs_and_curves(trained):
+    for folder in ("best", "last"):
+        for name in ("model.safetensors", "config.json", "vocab.json"):
+            assert (trained / folder / name).is_file()
+    assert (trained / "last" / "trainer.pt").is_file()
+    assert (trained / "curves.png").stat().st_size > 0
+    recs = records(trained)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert {"train_ce", "val_ce", "val_BLEU-4", "val_CIDEr-D", "train_kl_per_token"} <= set(recs[0])
+    assert recs[1]["train_ce"] < recs[0]["train_ce"]
+    assert recs[1]["ss_prob"] == 0.5 and recs[0]["ss_prob"] == 0.5
+    config = json.loads((trained / "best" / "config.json").read_text())
+    assert config["kind"] == "caption" and config["train"]["epochs"] == 2
+    vocab = Vocabulary.from_json(trained / "best" / "vocab.json")
+    model = CaptionModel.from_checkpoint(trained)
+    assert model.config.vocab_size == len(vocab) and model.config.gate.family == "bbeta5"
+
+
+def test_resume_continues_after_the_last_finished_epoch(scenes, tmp_path):
+    straight = tmp_path / "straight"
+    train(small_config(scenes, straight, epochs=2))
+    run = tmp_path / "run"
+    train(small_config(scenes, run, epochs=1))
+    # A crash after epoch 2 was logged but before last/ was written: epoch 2 is redone.
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"epoch": 2, "val_ce": -1.0}) + "\n")
+    train(small_config(scenes, run, epochs=2), resume=True)
+    got, want = records(run), records(straight)
+    assert [r["epoch"] for r in got] == [1, 2]
+    for a, b in zip(got, want, strict=True):  # the same as an uninterrupted run
+        assert a["val_ce"] == pytest.approx(b["val_ce"], rel=1e-5)
+        assert a["train_ce"] == pytest.approx(b["train_ce"], rel=1e-5)
+    assert train(small_config(scenes, run, epochs=2), resume=True)["best_epoch"] >= 1  # no-op
+
+
+def test_torchrun_ddp_with_two_cpu_processes(scenes, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "bbservice.cli", "train", "caption", "--data", str(scenes), "--out", str(run),
+        "--epochs", "1", "--gate", "lstm", "--device", "cpu", *MODEL_ARGS,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    assert [r["epoch"] for r in records(run)] == [1]
+    assert (run / "best" / "model.safetensors").is_file()
+    assert (run / "last" / "trainer.pt").is_file()
+
+
+def test_eval_cli_prints_and_writes_metrics_with_baseline(trained, scenes, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    args = ["eval", "caption", "--checkpoint", str(trained), "--data", str(scenes)]
+    assert main([*args, "--split", "test_holdout", "--beam", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CIDEr-D" in printed and "baseline caption" in printed
+    report = json.loads(out.read_text())
+    assert report["split"] == "test_holdout" and report["images"] == 8
+    assert set(report["metrics"]) >= {"BLEU-4", "CIDEr-D", "ROUGE-L"}
+    assert set(report["baseline"]["metrics"]) >= {"BLEU-4", "CIDEr-D"}
+
+
+def test_caption_cli_n_best_gate_samples_and_attention(trained, scenes, tmp_path, capsys):
+    images = sorted((scenes.parent / "images").glob("test_*.png"))[:2]
+    out = tmp_path / "att.png"
+    argv = ["caption", *map(str, images), "--checkpoint", str(trained), "--beam", "3"]
+    argv += ["--n-best", "2", "--sample-gates", "3", "--seed", "1", "--attention", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("  1. ") == 2 and printed.count("  2. ") == 2
+    assert printed.count("sampled-gate passes") == 2
+    for image in images:
+        assert (tmp_path / f"att_{image.stem}.png").stat().st_size > 0
+
+
+def test_caption_cli_reports_bad_files_and_captions_the_rest(trained, scenes, tmp_path, capsys):
+    good = sorted((scenes.parent / "images").glob("val_*.png"))[0]
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    missing = tmp_path / "missing.jpg"
+    rc = main(["caption", str(missing), str(good), str(text), "--checkpoint", str(trained)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert f"{good}: " in captured.out
+    errors = captured.err.strip().splitlines()
+    assert any(str(missing) in line and "not found" in line for line in errors)
+    assert any(str(text) in line and "not an image" in line for line in errors)
+    assert len(errors) == 3  # one line per bad file and a count
+
+
+def test_caption_cli_on_the_shared_photos(trained, shared_data, capsys):
+    photos = sorted(p for p in (shared_data / "images").iterdir() if p.is_file())
+    assert main(["caption", *map(str, photos), "--checkpoint", str(trained), "--beam", "2"]) == 0
+    assert capsys.readouterr().out.count(": ") >= len(photos)
+
+
+@pytest.mark.parametrize(
+    "problem,message",
+    [
+        ("corrupt", "not valid JSON"),
+        ("no-val", "split 'val' is empty or absent"),
+        ("missing", "file not found"),
+        ("no-words", "no word occurs"),
+    ],
+)
+def test_train_cli_data_errors_are_one_line(problem, message, scenes, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    original = json.loads(scenes.read_text())
+    if problem == "corrupt":
+        data.write_text(scenes.read_text()[:500])
+    elif problem == "no-val":
+        original["images"] = [im for im in original["images"] if im["split"] != "val"]
+        data.write_text(json.dumps(original))
+    elif problem == "no-words":
+        data = scenes
+    else:
+        data = tmp_path / "absent.json"
+    extra = ["--min-count", "100000"] if problem == "no-words" else []
+    argv = ["train", "caption", "--data", str(data), "--out", str(tmp_path / "run"), *MODEL_ARGS]
+    argv += ["--image-root", str(scenes.parent)]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_eval_cli_errors(trained, scenes, tmp_path, capsys):
+    assert (
+        main(["eval", "caption", "--checkpoint", str(tmp_path / "none"), "--data", str(scenes)])
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    argv = ["eval", "caption", "--checkpoint", str(trained), "--data", str(scenes)]
+    assert main([*argv, "--split", "nonesuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split 'nonesuch' is empty or absent" in err[0]
+
+
+def test_generate_scenes_cli(tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = ["generate", "scenes", "--out", str(out), "--n-train", "3", "--n-val", "1"]
+    argv += ["--n-test", "1", "--image-size", "32", "--holdout", "red:triangle,blue:circle"]
+    assert main(argv) == 0
+    assert "test_holdout 1" in capsys.readouterr().out
+    meta = json.loads((out / "dataset_scenes.json").read_text())["meta"]
+    assert meta["holdout"] == [["blue", "circle"], ["red", "triangle"]]
+    assert main([*argv[:-1], "red-triangle"]) == 2
+    assert "COLOUR:SHAPE" in capsys.readouterr().err
+    assert main([*argv[:-1], "pink:triangle"]) == 2
+    assert "not a (colour, shape) pair" in capsys.readouterr().err
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="ss-max"):
+        CaptionTrainConfig(ss_max=2.0)
+    cfg = CaptionTrainConfig(ss_max=0.3, ss_start=2, ss_ramp=3)
+    assert [cfg.sampling_probability(e) for e in (1, 2, 3, 4, 5)] == pytest.approx(
+        [0.0, 0.1, 0.2, 0.3, 0.3]
+    )
+    again = CaptionTrainConfig(**{**cfg.__dict__, "model": cfg.model.to_dict()})
+    assert again.model == cfg.model == replace(cfg.model)

@@ -1,0 +1,168 @@
+"""Music training, evaluation and generation end to end on small data (CLI included)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bbservice.cli import main
+from training.eval_music import evaluate
+from training.music_data import load_music
+from training.train_music import MusicTrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_music(tmp_path) -> Path:
+    """A pitch-list JSON with a learnable pattern: arpeggios over a few chords."""
+    rng = np.random.default_rng(0)
+
+    def song():
+        root = int(rng.integers(48, 60))
+        return [[root + k % 3 * 4, root + 12] for k in range(int(rng.integers(12, 30)))]
+
+    data = {
+        split: [song() for _ in range(n)] for split, n in (("train", 24), ("valid", 6), ("test", 6))
+    }
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def small_config(data: Path, out: Path, **kw) -> MusicTrainConfig:
+    cfg = MusicTrainConfig(
+        data=str(data), out=str(out), epochs=3, batch_size=8, lr=1e-2, seed=1, **kw
+    )
+    cfg.model.hidden_size, cfg.model.gate = 24, cfg.model.gate
+    return cfg
+
+
+def test_training_learns_checkpoints_and_logs(tiny_music, tmp_path):
+    out = tmp_path / "run"
+    summary = train(small_config(tiny_music, out))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["valid_nll"] < records[0]["valid_nll"]
+    baseline = evaluate(out, split="test")["trivial_baseline_nll"]
+    assert summary["test_nll"] < 61.0  # far below p = 0.5 everywhere
+    assert (out / "best" / "model.safetensors").exists() and (out / "curves.png").exists()
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["kind"] == "music" and config["metrics"]["test_nll"] == summary["test_nll"]
+    assert baseline > 0
+
+
+def test_resume_continues_after_the_last_finished_epoch(tiny_music, tmp_path):
+    out = tmp_path / "run"
+    cfg = small_config(tiny_music, out)
+    cfg.epochs = 2
+    train(cfg)
+    cfg.epochs = 4
+    train(cfg, resume=True)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    straight = tmp_path / "straight"
+    cfg2 = small_config(tiny_music, straight)
+    cfg2.epochs = 4
+    train(cfg2)
+    again = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert abs(again[1]["valid_nll"] - records[1]["valid_nll"]) < 1e-9  # same first epochs
+
+
+def test_eval_monte_carlo_and_generate_cli(tiny_music, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = small_config(tiny_music, out)
+    cfg.model.gate = type(cfg.model.gate)(family="bbeta5", kl_weight=0.01)
+    train(cfg)
+    assert main(["eval", "music", "--checkpoint", str(out), "--samples", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["predicted_frames"] == sum(len(s) - 1 for s in load_music(tiny_music).test)
+    assert np.isfinite(result["nll_monte_carlo"]) and np.isfinite(result["nll_mean_gates"])
+    gen = tmp_path / "gen"
+    args = [
+        "generate",
+        "music",
+        "--checkpoint",
+        str(out),
+        "--out",
+        str(gen),
+        "--frames",
+        "16",
+        "--num-outputs",
+        "2",
+        "--seed",
+        "5",
+    ]
+    assert main(args) == 0
+    first = (gen / "music_5_0.mid").read_bytes()
+    assert (gen / "music_5_1.png").exists()
+    assert main(args) == 0 and (gen / "music_5_0.mid").read_bytes() == first
+    primer = gen / "music_5_1.mid"
+    assert main([*args, "--primer", str(primer), "--mode", "sample"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "music", "--data", "/nope/x.mat"], "neither an existing path"),
+        (["train", "music", "--data", "{bad}", "--epochs", "0"], "--epochs must be >= 1"),
+        (["eval", "music", "--checkpoint", "/nope"], "does not exist"),
+        (["train", "music", "--gate", "lstm", "--kl-weight", "1"], "needs a Beta gate family"),
+    ],
+)
+def test_cli_errors_are_one_line_and_nonzero(argv, message, capsys, tmp_path):
+    argv = [a.replace("{bad}", str(tmp_path / "bad.json")) for a in argv]
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_corrupt_midi_primer_is_reported(tiny_music, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = small_config(tiny_music, out)
+    cfg.epochs = 1
+    train(cfg)
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"MThd garbage")
+    assert main(["generate", "music", "--checkpoint", str(out), "--primer", str(bad)]) == 2
+    assert "bad.mid" in capsys.readouterr().err
+
+
+def test_torchrun_ddp_with_two_cpu_processes(tiny_music, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "-m",
+        "bbservice.cli",
+        "train",
+        "music",
+        "--data",
+        str(tiny_music),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--hidden",
+        "16",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and (out / "best" / "model.safetensors").exists()
