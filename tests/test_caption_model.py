@@ -4,6 +4,7 @@ weights files, checkpoints, the PyTorch stepper and the parameter-budget helper.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -303,3 +304,58 @@ def test_stepper_state_is_numpy_and_static_keys_do_not_change():
     assert log_probs.shape == (3, V) and log_probs.dtype == np.float32 and att.shape == (3, 4)
     np.testing.assert_allclose(np.exp(log_probs).sum(1), 1.0, rtol=1e-5)
     assert new["features"] is state["features"] and not np.allclose(new["h"], state["h"])
+
+
+def test_step_exports_to_onnx_and_drives_the_same_decoder(tmp_path):
+    """The mean-gate step traces to ONNX with a dynamic batch; an ONNX Runtime stepper decodes
+    the same captions as the PyTorch one (the decoding code is shared)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(9)
+    model = CaptionModel.build(tiny("bbeta5")).eval()
+
+    class Step(torch.nn.Module):
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, tokens, h, c, features, projected):
+            return self.decoder.step(tokens, h, c, features, "mean", projected)
+
+    torch_stepper = TorchCaptionStepper(model)
+    images = batch()[0].numpy()
+    state = torch_stepper.start(images)
+    names = ["tokens", "h", "c", "features", "projected"]
+    outputs = ["log_probs", "h_out", "c_out", "alpha"]
+    example = tuple(torch.from_numpy(state[k]) for k in names[1:])
+    path = tmp_path / "step.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Step(model.decoder),
+            (torch.full((3,), START_ID), *example),
+            str(path),
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes={k: {0: "N"} for k in names + outputs},
+            dynamo=False,
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    class OrtStepper:
+        static_keys = TorchCaptionStepper.static_keys
+
+        def start(self, inputs):
+            return torch_stepper.start(inputs)
+
+        def step(self, tokens, state):
+            feed = {"tokens": tokens.astype(np.int64), **{k: state[k] for k in names[1:]}}
+            log_probs, h, c, alpha = session.run(outputs, feed)
+            return log_probs, dict(state, h=h, c=c), alpha
+
+    kw = {"start_id": START_ID, "end_id": END_ID, "beam_size": 3, "n_best": 3, "max_length": 6}
+    want = beam_search(TorchCaptionStepper(model), images, **kw)
+    got = beam_search(OrtStepper(), images, **kw)
+    for w, g in zip(want, got, strict=True):
+        assert [h.tokens for h in w] == [h.tokens for h in g]
+        np.testing.assert_allclose([h.log_prob for h in w], [h.log_prob for h in g], atol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -108,9 +109,24 @@ def test_torchrun_ddp_with_two_cpu_processes(scenes, tmp_path):
         "--epochs", "1", "--gate", "lstm", "--device", "cpu", *MODEL_ARGS,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stderr
+    # A session of its own: on a timeout the launcher *and* its workers are killed.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun did not finish within 240 s")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "2 process(es)" in stderr
     assert [r["epoch"] for r in records(run)] == [1]
     assert (run / "best" / "model.safetensors").is_file()
     assert (run / "last" / "trainer.pt").is_file()

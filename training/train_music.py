@@ -51,6 +51,7 @@ class MusicTrainConfig:
     device: str = "auto"
     amp: bool = True
     early_stop: int = 0
+    init_output_bias: bool = True
     model: MusicConfig = field(default_factory=MusicConfig)
 
     def __post_init__(self) -> None:
@@ -126,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    parser.add_argument(
+        "--no-init-output-bias",
+        dest="init_output_bias",
+        action="store_false",
+        help="start the output bias at 0, not at the key log-odds",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> MusicTrainConfig:
@@ -195,6 +202,8 @@ def _train(cfg, resume, device, dist, out) -> dict:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=cfg.lr_decay, patience=cfg.patience, min_lr=cfg.min_lr
     )
+    if cfg.init_output_bias:
+        model.init_readout_bias(torch.from_numpy(np.concatenate(train_seqs).mean(0)))
     start_epoch, best_val, best_epoch = 1, math.inf, 0
     metrics_path = out / "metrics.jsonl"
     if resume and (out / "last" / "trainer.pt").exists():

@@ -101,6 +101,16 @@ class PianoRollModel(nn.Module):
         hidden = self.output_dropout(hidden, time_dim=1)
         return self.readout(hidden), state
 
+    @torch.no_grad()
+    def init_readout_bias(self, key_frequency: Tensor) -> None:
+        """Start at the frequency baseline: output bias = log-odds of each key's frequency.
+
+        Without this, training sits at that baseline for many epochs before it uses the past
+        (the reference runs lose 17 JSB epochs there); with it the first epoch is below it.
+        """
+        p = torch.as_tensor(key_frequency, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+        self.readout.bias.copy_(torch.log(p) - torch.log1p(-p))
+
     def kl_loss(self) -> Tensor:
         """λ · prior KL of the last forward pass (0 without a prior)."""
         return self.rnn.kl_loss()

@@ -1,0 +1,448 @@
+"""ONNX Runtime backend of the deterministic (mean-gate) models: numpy and onnxruntime only.
+
+An export folder (written by ``bbservice export music|caption``, see ``export/onnx_export.py``)
+holds one self-contained ``.onnx`` file per graph and precision and a ``manifest.json`` that
+lists every file with its sha256. :func:`load_export` checks the hashes, opens one
+:class:`onnxruntime.InferenceSession` per graph and returns a :class:`LoadedExport`, whose
+steppers plug into the same numpy decoders as the PyTorch model:
+
+    music:    OnnxMusicStepper   -> bbservice.music_generation.generate_rolls
+    caption:  OnnxCaptionStepper -> bbservice.decoding.beam_search / greedy / sample
+
+Graphs (batch axis dynamic everywhere; state as explicit inputs and outputs)::
+
+    music_step        frame (B, 88), h (L, B, H), c (L, B, H) -> probs (B, 88), h_out, c_out
+    caption_encoder   images (B, 3, S, S)                      -> features (B, P, C)
+    caption_init      features (B, P, C)                       -> projected (B, P, A), h, c (B, H)
+    caption_step      tokens (B,), h, c (B, H), features, projected
+                                                 -> log_probs (B, V), h_out, c_out, attention (B, P)
+
+``caption_init`` holds the per-image work of the decoder (the attention projection of the
+features and the initial state) so that each decoding step does not redo it.
+
+Providers: ``device="auto"`` asks for CUDA when this onnxruntime build offers it and falls back
+to the CPU; the providers a session really got (``session.get_providers()``) are logged, and a
+fallback from an asked-for CUDA is logged as a warning (``device="cuda"`` makes it an error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from bbservice.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "MANIFEST",
+    "PRECISIONS",
+    "STORE_NAMES",
+    "LoadedExport",
+    "OnnxCaptionStepper",
+    "OnnxMusicStepper",
+    "file_sha256",
+    "load_export",
+    "load_from_store",
+    "make_session",
+    "read_manifest",
+    "requested_providers",
+]
+
+EXPORT_FORMAT = "bbservice-onnx-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+STORE_NAMES = {"music": "bbservice-music", "caption": "bbservice-caption"}
+GRAPHS = {"music": ("music_step",), "caption": ("caption_encoder", "caption_init", "caption_step")}
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions and providers
+# --------------------------------------------------------------------------------------------
+
+
+def requested_providers(device: str = "auto") -> list[str]:
+    """The execution providers to ask for: CUDA first when wanted and offered, then the CPU."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise ConfigError(
+            f"device 'cuda' was asked for but this onnxruntime build offers only {available} "
+            "(install the gpu extra: onnxruntime-gpu)"
+        )
+    return [CPU]
+
+
+def make_session(
+    path: str | Path,
+    device: str = "auto",
+    *,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session on ``path``, on CUDA when asked for (``"auto"``: when offered).
+
+    ``threads`` sets the intra-op thread count (``None``: onnxruntime's default, one per
+    physical core). The providers the session really got are logged and are
+    ``session.get_providers()``; when CUDA was asked for but the session fell back to the CPU
+    (e.g. the CUDA or cuDNN libraries did not load) a warning says so, and with
+    ``device="cuda"`` it is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"ONNX graph '{path}' does not exist")
+    wanted = requested_providers(device)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: no per-node placement chatter
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    except Exception as err:  # onnxruntime raises its own exception types
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"ONNX graph '{path}' does not load: {detail}") from err
+    got = session.get_providers()
+    if CUDA in wanted and CUDA not in got:
+        message = f"{path.name}: CUDA was asked for but ONNX Runtime runs it on {got}"
+        if device == "cuda":
+            raise ConfigError(message)
+        log.warning("%s (CPU fallback)", message)
+    log.info("%s: ONNX Runtime providers %s", path.name, got)
+    return session
+
+
+def _io_shapes(items) -> list[dict[str, Any]]:
+    return [{"name": i.name, "shape": list(i.shape), "dtype": i.type} for i in items]
+
+
+# --------------------------------------------------------------------------------------------
+# Steppers
+# --------------------------------------------------------------------------------------------
+
+
+class OnnxMusicStepper:
+    """The ``music_step`` graph as a music stepper of :mod:`bbservice.music_generation`.
+
+    ``start(batch)`` → ``{"h", "c": zeros (L, batch, H) float32}``; ``step(frame (N, 88),
+    state)`` → ``(probs (N, 88) float32, new state)``.
+    """
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        missing = {"frame", "h", "c"} - set(inputs)
+        if missing:
+            raise DataError(f"not a music step graph: inputs {sorted(missing)} are missing")
+        layers, _, hidden = inputs["h"].shape
+        if not isinstance(layers, int) or not isinstance(hidden, int):
+            raise DataError(f"music step graph: state shape {inputs['h'].shape} is not (L, B, H)")
+        self.num_layers, self.hidden_size = layers, hidden
+        self.n_keys = inputs["frame"].shape[1]
+        self.outputs = ["probs", "h_out", "c_out"]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def start(self, batch: int) -> dict[str, np.ndarray]:
+        zeros = np.zeros((self.num_layers, batch, self.hidden_size), dtype=np.float32)
+        return {"h": zeros, "c": zeros.copy()}
+
+    def step(
+        self, frame: np.ndarray, state: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feeds = {
+            "frame": np.ascontiguousarray(frame, dtype=np.float32),
+            "h": state["h"],
+            "c": state["c"],
+        }
+        probs, h, c = self.session.run(self.outputs, feeds)
+        return probs, {"h": h, "c": c}
+
+
+class OnnxCaptionStepper:
+    """The three caption graphs as a :class:`bbservice.decoding.Stepper`.
+
+    ``start(images (B, 3, S, S) float32)`` runs the encoder once (encoder features ``(B, P, C)``
+    are accepted too) and ``caption_init``, giving the state ``{"h", "c": (B, H), "features":
+    (B, P, C), "projected": (B, P, A)}``; ``step(tokens (N,), state)`` runs ``caption_step``
+    → ``(log_probs (N, V), new state, attention (N, P))``. ``features`` and ``projected``
+    are per-image constants (:attr:`static_keys`), as in ``TorchCaptionStepper``.
+    """
+
+    static_keys = ("features", "projected")
+
+    def __init__(
+        self,
+        encoder: ort.InferenceSession,
+        init: ort.InferenceSession,
+        step: ort.InferenceSession,
+    ) -> None:
+        self.encoder, self.init, self.step_session = encoder, init, step
+        self._step_outputs = ["log_probs", "h_out", "c_out", "attention"]
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        return {
+            "caption_encoder": self.encoder.get_providers(),
+            "caption_init": self.init.get_providers(),
+            "caption_step": self.step_session.get_providers(),
+        }
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Encoder features ``(B, P, C)`` of preprocessed images ``(B, 3, S, S)``."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        expected = self.encoder.get_inputs()[0].shape
+        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected[1:]):
+            raise ConfigError(
+                f"images must be (B, {', '.join(map(str, expected[1:]))}), got {images.shape}"
+            )
+        return self.encoder.run(["features"], {"images": images})[0]
+
+    def start(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(inputs, dtype=np.float32)
+        features = self.encode(x) if x.ndim == 4 else x
+        projected, h, c = self.init.run(["projected", "h", "c"], {"features": features})
+        return {"h": h, "c": c, "features": features, "projected": projected}
+
+    def step(
+        self, tokens: np.ndarray, state: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        feeds = {
+            "tokens": np.ascontiguousarray(tokens, dtype=np.int64),
+            "h": state["h"],
+            "c": state["c"],
+            "features": state["features"],
+            "projected": state["projected"],
+        }
+        log_probs, h, c, attention = self.step_session.run(self._step_outputs, feeds)
+        return log_probs, dict(state, h=h, c=c), attention
+
+
+# --------------------------------------------------------------------------------------------
+# Export folders
+# --------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: str | Path, *, check_files: bool = True) -> dict:
+    """``manifest.json`` of an export folder; with ``check_files`` every listed file must exist
+    with the recorded size and sha256 (a :class:`DataError` names the first that does not)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise DataError(f"export folder '{folder}' does not exist")
+    if not path.is_file():
+        raise DataError(f"'{folder}' is not an ONNX export (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: corrupt manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise DataError(f"{path}: not a {EXPORT_FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: format version {manifest.get('format_version')} is not supported "
+            f"(this bbservice reads {FORMAT_VERSION})"
+        )
+    if manifest.get("kind") not in GRAPHS:
+        raise DataError(f"{path}: unknown export kind {manifest.get('kind')!r}")
+    if check_files:
+        for name, info in manifest.get("files", {}).items():
+            file = folder / name
+            if not file.is_file():
+                raise DataError(f"{file}: listed in the manifest but missing")
+            size = file.stat().st_size
+            if size != info.get("bytes"):
+                raise DataError(
+                    f"{file}: {size} bytes, the manifest says {info.get('bytes')} (corrupt or "
+                    "replaced file)"
+                )
+            digest = file_sha256(file)
+            if digest != info.get("sha256"):
+                raise DataError(
+                    f"{file}: sha256 {digest[:12]}… does not match the manifest's "
+                    f"{str(info.get('sha256'))[:12]}… (corrupt or replaced file)"
+                )
+    return manifest
+
+
+@dataclass
+class LoadedExport:
+    """An export folder with one ONNX Runtime session per graph (see :func:`load_export`)."""
+
+    path: Path
+    manifest: dict
+    precision: str
+    sessions: dict[str, ort.InferenceSession] = field(repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def config(self) -> dict:
+        """The configuration the model was trained (or built) with."""
+        return self.manifest["config"]
+
+    @property
+    def model_config(self) -> dict:
+        return self.manifest["config"]["model"]
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """The execution providers each graph's session really runs on."""
+        return {name: s.get_providers() for name, s in self.sessions.items()}
+
+    # -- music ---------------------------------------------------------------------------------
+
+    def music_stepper(self) -> OnnxMusicStepper:
+        self._need("music")
+        return OnnxMusicStepper(self.sessions["music_step"])
+
+    @property
+    def grid(self) -> dict:
+        """The piano-roll time grid (``{"frames_per_beat": n}`` or ``{"fps": r}``) for MIDI."""
+        self._need("music")
+        return dict(self.manifest["grid"])
+
+    # -- caption -------------------------------------------------------------------------------
+
+    def caption_stepper(self) -> OnnxCaptionStepper:
+        self._need("caption")
+        s = self.sessions
+        return OnnxCaptionStepper(s["caption_encoder"], s["caption_init"], s["caption_step"])
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """Word of every id (``<pad>``, ``<start>``, ``<end>``, ``<unk>``, then the words)."""
+        self._need("caption")
+        if not hasattr(self, "_itos"):
+            data = json.loads((self.path / self.manifest["vocabulary_file"]).read_text())
+            self._itos = list(data["itos"])
+        return self._itos
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """``{"pad", "start", "end", "unk"}`` ids."""
+        self._need("caption")
+        return dict(self.manifest["special_ids"])
+
+    @property
+    def image_size(self) -> int:
+        self._need("caption")
+        return int(self.model_config["image_size"])
+
+    @property
+    def max_length(self) -> int:
+        self._need("caption")
+        return int(self.model_config["max_length"])
+
+    def words(self, tokens: Sequence[int]) -> list[str]:
+        """Word ids (as in a decoded :class:`bbservice.decoding.Hypothesis`) → words."""
+        itos = self.vocabulary
+        ids = self.special_ids
+        skip = {ids["pad"], ids["start"]}
+        out = []
+        for t in tokens:
+            t = int(t)
+            if t == ids["end"]:
+                break
+            if t not in skip:
+                out.append(itos[t] if 0 <= t < len(itos) else itos[ids["unk"]])
+        return out
+
+    def _need(self, kind: str) -> None:
+        if self.kind != kind:
+            raise ConfigError(f"export '{self.path}' is a {self.kind} model, not {kind}")
+
+
+def load_export(
+    folder: str | Path,
+    *,
+    device: str = "auto",
+    precision: str = "fp32",
+    threads: int | None = None,
+    check_files: bool = True,
+) -> LoadedExport:
+    """Open an export folder: check the manifest's hashes, then one session per graph.
+
+    ``precision`` chooses the variant (``fp32``, or ``fp16`` / ``int8`` when the export made
+    them); every graph must carry the export's content hash in its ONNX metadata, so graphs
+    of different models cannot be mixed.
+    """
+    folder = Path(folder)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    manifest = read_manifest(folder, check_files=check_files)
+    kind = manifest["kind"]
+    sessions: dict[str, ort.InferenceSession] = {}
+    for graph in GRAPHS[kind]:
+        entry = manifest.get("graphs", {}).get(graph)
+        if entry is None:
+            raise DataError(f"{folder / MANIFEST}: no '{graph}' graph")
+        files = entry.get("files", {})
+        if precision not in files:
+            raise ConfigError(
+                f"export '{folder}' has no {precision} variant (it has {sorted(files)}); "
+                "re-export with --fp16 / --int8"
+            )
+        session = make_session(folder / files[precision], device, threads=threads)
+        meta = session.get_modelmeta().custom_metadata_map
+        if meta.get("bbservice.content_hash") != manifest.get("content_hash"):
+            raise DataError(
+                f"{folder / files[precision]}: its content hash "
+                f"{meta.get('bbservice.content_hash')!r} is not the manifest's "
+                f"{manifest.get('content_hash')!r} (graphs of another model)"
+            )
+        sessions[graph] = session
+    log.info("loaded %s export '%s' (%s)", kind, folder, precision)
+    return LoadedExport(path=folder, manifest=manifest, precision=precision, sessions=sessions)
+
+
+def load_from_store(
+    tag: str, *, device: str = "auto", precision: str = "fp32", threads: int | None = None
+) -> LoadedExport:
+    """:func:`load_export` of a BentoML model-store entry, e.g. ``"bbservice-music:latest"``."""
+    import bentoml
+
+    try:
+        model = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as err:
+        raise DataError(
+            f"model '{tag}' is not in the BentoML model store (run bbservice export first)"
+        ) from err
+    return load_export(model.path, device=device, precision=precision, threads=threads)
+
+
+def describe_graph(session: ort.InferenceSession) -> dict[str, Any]:
+    """Input and output names, shapes and types of a session (for logs and manifests)."""
+    return {
+        "inputs": _io_shapes(session.get_inputs()),
+        "outputs": _io_shapes(session.get_outputs()),
+    }
