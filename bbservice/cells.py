@@ -26,6 +26,8 @@ from bbservice.errors import ConfigError
 from bbservice.gates import Gate, GateConfig, GateOutput, make_gate, resolve_gate_mode, tanh
 
 State = tuple[Tensor, Tensor]
+# oneDNN pre-packed recurrent weights pay off from this batch size up (below, plain addmm wins).
+PACKED_MIN_BATCH = 8
 
 
 class GatedLSTMCell(nn.Module):
@@ -109,12 +111,14 @@ class GatedLSTMCell(nn.Module):
         """``(mm_h, mm_m)``: functions ``(add (B, kH), h (B, H)) → add + h Uᵀ`` for this call.
 
         Without autograd on a float32 CPU tensor the recurrent weights are pre-packed once for
-        oneDNN (about 3× faster per step than ``addmm`` here); otherwise plain ``addmm``.
+        oneDNN (about 3× faster per step than ``addmm`` at batch 64; slower below
+        :data:`PACKED_MIN_BATCH`); otherwise plain ``addmm``.
         """
         weights = [self.weight_hh] + ([self.weight_mh] if self.multiplicative else [])
         w = weights[0]
         if (
             not torch.is_grad_enabled()
+            and batch >= PACKED_MIN_BATCH
             and w.is_cpu
             and w.dtype == torch.float32
             and torch.backends.mkldnn.is_available()

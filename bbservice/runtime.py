@@ -53,6 +53,7 @@ __all__ = [
     "file_sha256",
     "load_export",
     "load_from_store",
+    "load_model",
     "make_session",
     "read_manifest",
     "requested_providers",
@@ -300,6 +301,7 @@ class LoadedExport:
     manifest: dict
     precision: str
     sessions: dict[str, ort.InferenceSession] = field(repr=False)
+    _itos: list[str] | None = field(default=None, init=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -342,7 +344,7 @@ class LoadedExport:
     def vocabulary(self) -> list[str]:
         """Word of every id (``<pad>``, ``<start>``, ``<end>``, ``<unk>``, then the words)."""
         self._need("caption")
-        if not hasattr(self, "_itos"):
+        if self._itos is None:
             data = json.loads((self.path / self.manifest["vocabulary_file"]).read_text())
             self._itos = list(data["itos"])
         return self._itos
@@ -438,6 +440,12 @@ def load_from_store(
             f"model '{tag}' is not in the BentoML model store (run bbservice export first)"
         ) from err
     return load_export(model.path, device=device, precision=precision, threads=threads)
+
+
+def load_model(bento_model, **kwargs) -> LoadedExport:
+    """BentoML's framework-module hook: ``bentoml.models.get(tag).load_model()`` (the store
+    entries name this module) gives :func:`load_export` of the entry's folder."""
+    return load_export(bento_model.path, **kwargs)
 
 
 def describe_graph(session: ort.InferenceSession) -> dict[str, Any]:

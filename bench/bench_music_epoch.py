@@ -47,8 +47,10 @@ def main() -> None:
     model = PianoRollModel(MusicConfig.preset(args.gate)).train()
     batched = one_epoch(model, seqs, args.batch_size)
     single = one_epoch(model, seqs, 1)
-    print(f"{args.data} train epoch, {args.gate} gates, {len(seqs)} sequences, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.data} train epoch, {args.gate} gates, {len(seqs)} sequences, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"batch {args.batch_size:>3}: {batched:8.1f} s")
     print(f"batch   1: {single:8.1f} s   (reference protocol)")
     print(f"speed-up of mini-batches: {single / batched:.1f}x")

@@ -64,8 +64,9 @@ def test_stacked_matches_nn_lstm(batch_first, grad):
     torch.manual_seed(0)
     ref = nn.LSTM(6, 9, num_layers=3, batch_first=batch_first)
     ours = GatedLSTM(6, 9, num_layers=3, batch_first=batch_first).load_torch_lstm(ref)
-    x = torch.randn(4, 11, 6) if batch_first else torch.randn(11, 4, 6)
-    hx = (torch.randn(3, 4, 9), torch.randn(3, 4, 9))
+    batch = 9  # >= PACKED_MIN_BATCH: without grad this runs the pre-packed oneDNN path
+    x = torch.randn(batch, 11, 6) if batch_first else torch.randn(11, batch, 6)
+    hx = (torch.randn(3, batch, 9), torch.randn(3, batch, 9))
     tol = TOL if grad else {"atol": 2e-5, "rtol": 1e-4}
     with torch.set_grad_enabled(grad):
         for args in [(x,), (x, hx)]:

@@ -21,30 +21,21 @@ class TorchMusicStepper:
     def __init__(self, model, device, gate_mode: str = "mean", seed: int = 0) -> None:
         self.model, self.device, self.gate_mode = model, device, gate_mode
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.matmuls = None
 
+    @torch.no_grad()
     def start(self, batch: int) -> dict[str, np.ndarray]:
+        self.matmuls = [cell.recurrent_matmuls(batch) for cell in self.model.rnn.cells]
         h, c = self.model.zero_state(batch, self.device)
         return {"h": h, "c": c}
 
     @torch.no_grad()
     def step(self, frame, state):
         x = torch.as_tensor(frame, device=self.device)
-        if self.gate_mode == "sample":
-            probs, h, c = self._sampled_step(x, state["h"], state["c"])
-        else:
-            probs, h, c = self.model.step(x, state["h"], state["c"], gate_mode="mean")
+        probs, h, c = self.model.step(
+            x, state["h"], state["c"], self.gate_mode, self.matmuls, self.generator
+        )
         return probs.float().cpu().numpy(), {"h": h, "c": c}
-
-    def _sampled_step(self, x, h, c):
-        hs, cs = [], []
-        for layer, cell in enumerate(self.model.rnn.cells):
-            h_l, c_l, _ = cell.recurrent_step(
-                cell.input_projection(x), (h[layer], c[layer]), "sample", generator=self.generator
-            )
-            hs.append(h_l)
-            cs.append(c_l)
-            x = h_l
-        return torch.sigmoid(self.model.readout(x)), torch.stack(hs), torch.stack(cs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

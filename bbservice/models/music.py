@@ -116,18 +116,29 @@ class PianoRollModel(nn.Module):
         return self.rnn.kl_loss()
 
     def step(
-        self, frame: Tensor, h: Tensor, c: Tensor, gate_mode: str = "mean"
+        self,
+        frame: Tensor,
+        h: Tensor,
+        c: Tensor,
+        gate_mode: str = "mean",
+        matmuls: list | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One step with explicit state, as exported to ONNX.
 
         ``frame`` ``(B, 88)``; ``h``, ``c`` ``(L, B, H)`` → key probabilities ``(B, 88)``, ``h``,
-        ``c``. No Python control flow depends on the data.
+        ``c``. No Python control flow depends on the data. ``matmuls``: one
+        ``cell.recurrent_matmuls(B)`` per layer, made once per sequence (optional).
         """
         mode = resolve_gate_mode(gate_mode, self.training)
         x = frame
         hs, cs = [], []
         for layer, cell in enumerate(self.rnn.cells):
-            h_l, c_l, _ = cell.recurrent_step(cell.input_projection(x), (h[layer], c[layer]), mode)
+            mm = matmuls[layer] if matmuls is not None else None
+            state = (h[layer], c[layer])
+            h_l, c_l, _ = cell.recurrent_step(
+                cell.input_projection(x), state, mode, None, mm, generator
+            )
             hs.append(h_l)
             cs.append(c_l)
             x = h_l
