@@ -33,6 +33,15 @@ from bbservice.models.caption import (
 V = 11
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and does not thrash on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(gate: str | GateConfig = "bbeta5", **kw) -> CaptionConfig:
     base = dict(
         vocab_size=V,

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from bbservice.cli import main
 from bbservice.gates import GateConfig
@@ -25,6 +26,15 @@ MODEL_ARGS = [
     "--embed-dim", "16", "--attention-dim", "16", "--min-count", "1", "--batch-size", "8",
     "--max-length", "12", "--fine-tune", "--lr", "3e-3", "--no-progress",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and does not thrash on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

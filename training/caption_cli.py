@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbservice.decoding import Hypothesis, beam_search, greedy, sample_gate_passes
+from bbservice.decoding import beam_search, greedy, sample_gate_passes
 from bbservice.errors import BBServiceError, ConfigError
 from bbservice.images import load_image, preprocess
 from bbservice.models.caption import END_ID, START_ID, TorchCaptionStepper
@@ -108,8 +108,8 @@ def draw_attention(image_path: str, words: list[str], attention: np.ndarray, out
     plt.close(fig)
 
 
-def _text(vocab, hyp: Hypothesis) -> str:
-    return " ".join(vocab.decode(hyp.tokens))
+def _text(vocab, tokens) -> str:
+    return " ".join(vocab.decode(tokens)) or "(empty caption)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,11 +170,11 @@ def run(args: argparse.Namespace) -> int:
             )
         for k, ((path, _), hyps) in enumerate(zip(batch, results, strict=True)):
             if args.n_best == 1:
-                print(f"{path}: {_text(vocab, hyps[0])}")
+                print(f"{path}: {_text(vocab, hyps[0].tokens)}")
             else:
                 print(f"{path}:")
                 for rank, h in enumerate(hyps, start=1):
-                    print(f"  {rank}. {_text(vocab, h)}  (log p {h.log_prob:.3f})")
+                    print(f"  {rank}. {_text(vocab, h.tokens)}  (log p {h.log_prob:.3f})")
             if gate_results is not None:
                 g = gate_results[k]
                 print(
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
                     f"mean entropy {g.mean_entropy:.3f} nats"
                 )
                 for tokens, count in g.captions:
-                    print(f"    {count:3d}x {' '.join(vocab.decode(tokens))}")
+                    print(f"    {count:3d}x {_text(vocab, tokens)}")
             if args.attention:
                 best = hyps[0]
                 out = attention_path(args.attention, path, many)

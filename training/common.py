@@ -158,6 +158,7 @@ def _atomic_dir(target: Path):
     def manager():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a server running as another user must read it
         try:
             yield tmp
             old = target.with_name(f".{target.name}.old")

@@ -282,6 +282,11 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
             )
         model_cfg = replace(cfg.model, vocab_size=len(vocab))
 
+    if not model_cfg.fine_tune and not model_cfg.encoder_weights and dist.is_main:
+        log.warning(
+            "the encoder is frozen with random weights (no --encoder-weights, no --fine-tune): "
+            "captions will be poor"
+        )
     common.seed_everything(cfg.seed)
     model = CaptionModel.build(model_cfg, load_encoder_weights=not resuming).to(device)
     decoder_params = [p for p in model.decoder.parameters() if p.requires_grad]
@@ -422,7 +427,10 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
         if dist.is_main:
             record["best"] = improved
             extra = {
-                "metrics": {"epoch": epoch, **{k: v for k, v in record.items() if "val_" in k}},
+                "metrics": {
+                    "epoch": epoch,
+                    **{k: v for k, v in record.items() if k.startswith("val_")},
+                },
                 "parameters": counts,
                 "data": {"path": str(cfg.data), "train_images": len(train_items)},
             }

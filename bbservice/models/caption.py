@@ -647,8 +647,7 @@ class TorchCaptionStepper:
             x = x.to(self.device, torch.float32)
             features = self.model.encoder(x) if x.dim() == 4 else x  # (B, P, C)
             projected, h, c = self.model.decoder.encode_features(features)
-            # Pre-packed recurrent weights: once per decode, reused by every step.
-            self._matmuls = self.model.decoder.cell.recurrent_matmuls(features.shape[0])
+        self._matmuls = None  # made on the first step of this decode, for its row count
         return {
             "h": self._np(h),
             "c": self._np(c),
@@ -660,6 +659,8 @@ class TorchCaptionStepper:
         self, tokens: np.ndarray, state: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         with torch.inference_mode():
+            if self._matmuls is None:  # (pre-packed) recurrent weights: once per decode
+                self._matmuls = self.model.decoder.cell.recurrent_matmuls(len(tokens))
             log_probs, h, c, alpha = self.model.decoder.step(
                 self._t(tokens.astype(np.int64, copy=False)),
                 self._t(state["h"]),
