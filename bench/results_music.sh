@@ -28,4 +28,4 @@ if [ "$WHAT" = nottingham ] || [ "$WHAT" = all ]; then
   NOTT="--epochs 12 --early-stop 4 --batch-size 32 --lr 3e-3"
   run nott_lstm nottingham --gate lstm $NOTT & run nott_bbeta5 nottingham --gate bbeta5 $NOTT & wait
 fi
-.venv/bin/python bench/results_table.py "$OUT"
+.venv/bin/python bench/results_table.py "$OUT" > "$OUT/table.md" && cat "$OUT/table.md"
