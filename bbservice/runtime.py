@@ -92,6 +92,22 @@ def requested_providers(device: str = "auto") -> list[str]:
     return [CPU]
 
 
+_CUDA_PRELOADED = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of the pip wheels (``onnxruntime-gpu[cuda,cudnn]``) once,
+    so the CUDA provider finds them without LD_LIBRARY_PATH."""
+    global _CUDA_PRELOADED
+    if _CUDA_PRELOADED or not hasattr(ort, "preload_dlls"):
+        return
+    try:
+        ort.preload_dlls()
+    except Exception as err:  # missing wheels: the session falls back and says so
+        log.warning("onnxruntime.preload_dlls() failed: %s", err)
+    _CUDA_PRELOADED = True
+
+
 def make_session(
     path: str | Path,
     device: str = "auto",
@@ -110,6 +126,8 @@ def make_session(
     if not path.is_file():
         raise DataError(f"ONNX graph '{path}' does not exist")
     wanted = requested_providers(device)
+    if CUDA in wanted:
+        _preload_cuda_libraries()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: no per-node placement chatter
