@@ -105,6 +105,16 @@ class GatedLSTMCell(nn.Module):
             weight = torch.cat([weight, self.weight_mx])
             if bias is not None:
                 bias = torch.cat([bias, bias.new_zeros(self.hidden_size)])
+        rows = x.numel() // x.shape[-1]
+        if _can_pack(weight, rows):  # inference on the CPU: oneDNN with the bias fused
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+                flat = torch.ops.mkldnn._linear_pointwise(
+                    x.reshape(rows, -1).contiguous(), packed, bias, "none", [], ""
+                )
+                return flat.reshape(*x.shape[:-1], weight.shape[0])
+            except (RuntimeError, AttributeError):
+                pass
         return nn.functional.linear(x, weight, bias)
 
     def recurrent_matmuls(self, batch: int):
@@ -115,16 +125,7 @@ class GatedLSTMCell(nn.Module):
         :data:`PACKED_MIN_BATCH`); otherwise plain ``addmm``.
         """
         weights = [self.weight_hh] + ([self.weight_mh] if self.multiplicative else [])
-        w = weights[0]
-        if (
-            not torch.is_grad_enabled()
-            and batch >= PACKED_MIN_BATCH
-            and w.is_cpu
-            and w.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
-            and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling()
-        ):
+        if _can_pack(weights[0], batch):
             try:
                 fns = [_packed_matmul(weight, batch) for weight in weights]
                 return fns[0], (fns[1] if self.multiplicative else None)
@@ -431,6 +432,19 @@ def _run_layer(
     if stats is not None:
         layer_stats = {k: torch.stack([s[k] for s in step_stats]) for k in step_stats[0]}
     return torch.stack(outputs), (h, c), kl, layer_stats
+
+
+def _can_pack(weight: Tensor, rows: int) -> bool:
+    """Whether oneDNN pre-packed weights serve this product (CPU float32 inference only)."""
+    return (
+        not torch.is_grad_enabled()
+        and rows >= PACKED_MIN_BATCH
+        and weight.is_cpu
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _plain_matmul(weight: Tensor):
