@@ -110,7 +110,10 @@ def run_music(args: argparse.Namespace) -> int:
     _check_tolerance(args)
     model, config = load_music_checkpoint(args.checkpoint, "cpu")
     primer = load_midi_roll(args.primer, **default_grid(config)) if args.primer else None
-    result = export_music(
+    exporter = export_music
+    if getattr(model.config, "sparse", False):  # the smaller dense graph of the pruned model
+        from bbservice.sparse import export_pruned_music as exporter
+    result = exporter(
         model,
         args.out,
         config=config,

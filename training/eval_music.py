@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from training import common
@@ -54,6 +55,12 @@ def evaluate(
             model, seqs, device=device, batch_size=batch_size, samples=samples, seed=seed
         )
         result.update({"nll_monte_carlo": mc_total / frames, "samples": samples, "seed": seed})
+    if getattr(model.config, "sparse", False):
+        from training.prune_report import format_report, prune_report
+
+        report = prune_report(model)
+        print(format_report(report), file=sys.stderr)  # stdout stays JSON
+        result["prune"] = report["totals"]
     return result
 
 

@@ -52,6 +52,8 @@ class MusicTrainConfig:
     amp: bool = True
     early_stop: int = 0
     init_output_bias: bool = True
+    sparse_kl_weight: float = 1.0
+    sparse_kl_warmup: int = 0
     model: MusicConfig = field(default_factory=MusicConfig)
 
     def __post_init__(self) -> None:
@@ -133,6 +135,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="start the output bias at 0, not at the key log-odds",
     )
+    parser.add_argument(
+        "--sparsify",
+        action="store_true",
+        help="sparse variational dropout on weights, neurons and gate pre-activations",
+    )
+    parser.add_argument(
+        "--sparse-kl-weight",
+        type=float,
+        default=d.sparse_kl_weight,
+        help="weight of the sparse VD KL (1: the ELBO, KL spread over the training frames)",
+    )
+    parser.add_argument(
+        "--sparse-kl-warmup",
+        type=int,
+        default=d.sparse_kl_warmup,
+        help="epochs of linear ramp of the sparse KL weight from 0 (0: no ramp)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> MusicTrainConfig:
@@ -146,6 +165,8 @@ def config_from_args(args: argparse.Namespace) -> MusicTrainConfig:
     if args.gate not in ("beta", "bbeta3", "bbeta5") and args.kl_weight:
         raise ConfigError(f"--kl-weight needs a Beta gate family, not {args.gate!r}")
     model_kw = {"num_layers": args.layers, "dropout": args.dropout}
+    if getattr(args, "sparsify", False):
+        model_kw["sparse"] = True
     if args.hidden:
         model_kw["hidden_size"] = args.hidden
     model = MusicConfig.preset(args.gate, **gate_kw, **model_kw)
@@ -238,6 +259,7 @@ def _train(cfg, resume, device, dist, out) -> dict:
             dist.world_size,
         )
     kl_weight = cfg.model.gate.kl_weight
+    sparse = _SparseTraining(cfg, train_seqs) if cfg.model.sparse else None
     rng = np.random.default_rng(cfg.seed)
     for _ in range(1, start_epoch):
         rng.permutation(len(train_seqs))  # keep the batch order of an uninterrupted run
@@ -257,7 +279,7 @@ def _train(cfg, resume, device, dist, out) -> dict:
             unit="batch",
             dynamic_ncols=True,
         )
-        for idx in bar:
+        for step, idx in enumerate(bar):
             inputs, targets, lengths, mask = collate([train_seqs[i] for i in idx], device)
             with common.autocast(device, cfg.amp):
                 logits, _ = ddp_model(inputs, lengths)
@@ -265,6 +287,8 @@ def _train(cfg, resume, device, dist, out) -> dict:
             frames = int(lengths.sum())
             kl = model.rnn.last_kl if kl_weight else None
             loss = (nll + kl_weight * kl) / frames if kl is not None else nll / frames
+            if sparse is not None:
+                loss = loss + sparse.loss(model, epoch, step / max(len(mine), 1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)  # after backward()
@@ -294,6 +318,8 @@ def _train(cfg, resume, device, dist, out) -> dict:
             "epoch_seconds": train_seconds,
             "best": improved,
         }
+        if sparse is not None:
+            record.update(sparse.record(model))
         if dist.is_main:
             extra = {"metrics": {"valid_nll": val_nll, "epoch": epoch}, "parameters": n_params}
             if improved:
@@ -339,4 +365,39 @@ def _train(cfg, resume, device, dist, out) -> dict:
         common.write_json(out / "best" / "config.json", config)
         common.write_json(out / "summary.json", summary)
         log.info("best epoch %d: valid %.4f, test %s", best_epoch, best_val, summary["test_nll"])
+        if sparse is not None:
+            summary["prune"] = sparse.report(model, out)
     return summary
+
+
+class _SparseTraining:
+    """The sparse variational dropout term: ``w(t) · KL / N`` per batch (N training frames, so
+    ``w = 1`` is the ELBO), ``w`` ramped linearly from 0 over ``sparse_kl_warmup`` epochs."""
+
+    def __init__(self, cfg: MusicTrainConfig, train_seqs) -> None:
+        self.weight, self.warmup = cfg.sparse_kl_weight, cfg.sparse_kl_warmup
+        self.frames = max(sum(len(s) - 1 for s in train_seqs), 1)
+        self.current = 0.0
+
+    def loss(self, model, epoch: int, progress: float):
+        ramp = min(1.0, (epoch - 1 + progress) / self.warmup) if self.warmup else 1.0
+        self.current = self.weight * ramp
+        return self.current * model.rnn.kl() / self.frames
+
+    @torch.no_grad()
+    def record(self, model) -> dict:
+        return {
+            "sparse_kl_weight": self.current,
+            "sparse_kl": float(model.rnn.kl()),
+            "sparsity": model.rnn.sparsity(),
+        }
+
+    def report(self, model, out: Path) -> dict:
+        from training.prune_report import format_report, prune_report, write_report
+
+        report = prune_report(model)
+        print(format_report(report))
+        write_report(report, out)
+        if (out / "best").exists():
+            write_report(report, out / "best")
+        return report["totals"]

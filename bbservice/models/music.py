@@ -40,6 +40,7 @@ class MusicConfig:
     num_layers: int = 2
     dropout: float = 0.0
     n_keys: int = N_KEYS
+    sparse: bool = False  # sparse variational dropout (bbservice.sparse.SparseGatedLSTM)
 
     def __post_init__(self) -> None:
         if isinstance(self.gate, dict):
@@ -74,7 +75,11 @@ class PianoRollModel(nn.Module):
     def __init__(self, config: MusicConfig) -> None:
         super().__init__()
         self.config = config
-        self.rnn = GatedLSTM(
+        if config.sparse:
+            from bbservice.sparse import SparseGatedLSTM as rnn_class
+        else:
+            rnn_class = GatedLSTM
+        self.rnn = rnn_class(
             config.n_keys,
             config.hidden_size,
             num_layers=config.num_layers,
