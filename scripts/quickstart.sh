@@ -7,7 +7,7 @@
 #   PORT=3000        port to serve on
 #   SERVE=0          stop after exporting (no server)
 #   SKIP_SETUP=1     reuse an existing .venv as it is (no pip install)
-#   MUSIC_EPOCHS=25, CAPTION_EPOCHS=8   training epochs of the default models
+#   MUSIC_EPOCHS=10, CAPTION_EPOCHS=6   training epochs of the default models
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${SKIP_SETUP:-0}" != 1 ] || [ ! -x .venv/bin/bbservice ]; then
@@ -21,7 +21,7 @@ PORT="${PORT:-3000}"
 # -- music: the bbeta5 model on the 350 chorales that ship with music21 --------------------------
 if [ ! -f artifacts/music/best/model.safetensors ]; then
   echo "quickstart: training the default music model on the embedded chorales (a few minutes)"
-  $BB train music --data chorales --gate bbeta5 --epochs "${MUSIC_EPOCHS:-15}" --batch-size 8 \
+  $BB train music --data chorales --gate bbeta5 --epochs "${MUSIC_EPOCHS:-10}" --batch-size 8 \
     --dropout 0.2 --out artifacts/music
 fi
 $BB generate music --checkpoint artifacts/music --out artifacts/generated --frames 64 \
@@ -38,7 +38,7 @@ if [ ! -f artifacts/caption/best/model.safetensors ]; then
   $BB train caption --data artifacts/scenes/dataset_scenes.json --out artifacts/caption \
     --gate bbeta5 --encoder resnet18 --fine-tune --image-size 64 --encoder-stages 3 --grid 4 \
     --hidden 192 --embed-dim 64 --attention-dim 64 --max-length 12 --min-count 1 \
-    --batch-size 32 --lr 3e-3 --encoder-lr 1e-3 --epochs "${CAPTION_EPOCHS:-8}" --device cpu
+    --batch-size 32 --lr 3e-3 --encoder-lr 1e-3 --epochs "${CAPTION_EPOCHS:-6}" --device cpu
 fi
 
 # -- export: ONNX graphs + manifest (+ the model store entry) where missing or stale -------------
