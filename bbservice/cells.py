@@ -245,6 +245,8 @@ class GatedLSTM(nn.Module):
     ``i_concentration``, ``f_concentration``).
     """
 
+    cell_class: type[GatedLSTMCell] = GatedLSTMCell  # subclasses swap in their own cell
+
     def __init__(
         self,
         input_size: int,
@@ -264,7 +266,7 @@ class GatedLSTM(nn.Module):
         self.input_size, self.hidden_size = input_size, hidden_size
         self.num_layers, self.batch_first, self.dropout = num_layers, batch_first, dropout
         self.cells = nn.ModuleList(
-            GatedLSTMCell(
+            self.cell_class(
                 input_size if layer == 0 else hidden_size,
                 hidden_size,
                 bias,

@@ -240,32 +240,7 @@ class SparseGatedLSTM(GatedLSTM):
     dict per layer), :meth:`sparsity` (fraction of pruned variables per level).
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        gate: str | GateConfig = "lstm",
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, gate, device, dtype
-        )
-        self.cells = nn.ModuleList(
-            SparseGatedLSTMCell(
-                input_size if layer == 0 else hidden_size,
-                hidden_size,
-                bias,
-                self.config,
-                device=device,
-                dtype=dtype,
-            )
-            for layer in range(num_layers)
-        )
+    cell_class = SparseGatedLSTMCell
 
     @classmethod
     def from_dense(cls, rnn: GatedLSTM) -> SparseGatedLSTM:
