@@ -44,7 +44,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -64,6 +63,7 @@ from bbservice.models.caption import END_ID, PAD_ID, START_ID, CaptionModel
 from bbservice.models.music import PianoRollModel
 from bbservice.pianoroll import LOWEST_PITCH, N_KEYS
 from export import verify
+from training.common import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -352,22 +352,8 @@ def staging(out: Path) -> Iterator[Path]:
                 f"--out '{out}' is a non-empty folder that is not an earlier export; "
                 "choose another folder"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an export folder is ordinary
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def file_entry(path: Path) -> dict:

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,29 +152,26 @@ def unwrap(model: nn.Module) -> nn.Module:
 # -- checkpoints --------------------------------------------------------------------------------
 
 
-def _atomic_dir(target: Path):
-    """Context manager giving a temporary folder that replaces ``target`` on success."""
-
-    @contextlib.contextmanager
-    def manager():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        tmp.chmod(0o755)  # mkdtemp makes 0700; a server running as another user must read it
-        try:
-            yield tmp
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            if old.exists():
-                shutil.rmtree(old)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-
-    return manager()
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces ``target`` on success and vanishes on failure."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; a server running as another user must read it
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -201,7 +199,7 @@ def save_checkpoint(
 
     ``extra_files`` maps file names to text contents (e.g. a vocabulary).
     """
-    with _atomic_dir(Path(folder)) as tmp:
+    with atomic_dir(Path(folder)) as tmp:
         save_weights(model, tmp / "model.safetensors")
         write_json(tmp / "config.json", config)
         if trainer_state is not None:
