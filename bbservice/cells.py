@@ -93,8 +93,13 @@ class GatedLSTMCell(nn.Module):
 
     # -- the pieces the sequence loop and the step-by-step callers share --------------------
 
-    def input_projection(self, x: Tensor) -> Tensor:
-        """``(..., D)`` → ``(..., P)``: the input part of every block (and of m for mlstm)."""
+    def input_projection(self, x: Tensor, *, pack: bool = False) -> Tensor:
+        """``(..., D)`` → ``(..., P)``: the input part of every block (and of m for mlstm).
+
+        ``pack=True`` (for a whole sequence at once) lets CPU inference pre-pack the weights
+        for oneDNN with the bias fused; step-by-step callers leave it off, since packing
+        every step would cost more than it saves.
+        """
         if x.shape[-1] != self.input_size:
             raise ConfigError(
                 f"input has {x.shape[-1]} features but the cell expects input_size="
@@ -106,7 +111,7 @@ class GatedLSTMCell(nn.Module):
             if bias is not None:
                 bias = torch.cat([bias, bias.new_zeros(self.hidden_size)])
         rows = x.numel() // x.shape[-1]
-        if _can_pack(weight, rows):  # inference on the CPU: oneDNN with the bias fused
+        if pack and _can_pack(weight, rows):  # CPU inference: oneDNN with the bias fused
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
                 flat = torch.ops.mkldnn._linear_pointwise(
@@ -400,7 +405,7 @@ def _run_layer(
 ) -> tuple[Tensor, State, Tensor | None, dict[str, Tensor] | None]:
     """Run one layer over ``x`` ``(T, B, D)`` → ``(T, B, H)``, final state, KL, statistics."""
     steps, batch = x.shape[0], x.shape[1]
-    xp = cell.input_projection(x)  # (T, B, P): one matrix product for all steps
+    xp = cell.input_projection(x, pack=True)  # (T, B, P): one product for all steps
     noise = None
     if mode == "sample" and cell.gate.stochastic:
         noise = cell.gate.draw_noise(steps, batch, cell.hidden_size, x, generator)

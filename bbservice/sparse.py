@@ -188,7 +188,8 @@ class SparseGatedLSTMCell(GatedLSTMCell):
         self._seq_noise = noise
         return noise
 
-    def input_projection(self, x: Tensor) -> Tensor:
+    def input_projection(self, x: Tensor, *, pack: bool = False) -> Tensor:
+        del pack  # the effective weights change with the noise: never pre-packed
         if x.shape[-1] != self.input_size:
             raise ConfigError(
                 f"input has {x.shape[-1]} features but the cell expects input_size="
