@@ -16,6 +16,7 @@ single ``addmm`` and the gate elementwise ops; all gate noise is drawn before th
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -121,6 +122,13 @@ class GatedLSTMCell(nn.Module):
             except (RuntimeError, AttributeError):
                 pass
         return nn.functional.linear(x, weight, bias)
+
+    def sequence_noise(self, batch: int, like: Tensor) -> contextlib.AbstractContextManager:
+        """Context for callers that run a sequence step by step (input projection per step):
+        cells with per-sequence noise (:class:`bbservice.sparse.SparseGatedLSTMCell`) draw it
+        once on entry and reuse it for every step inside. A no-op here."""
+        del batch, like
+        return contextlib.nullcontext()
 
     def recurrent_matmuls(self, batch: int):
         """``(mm_h, mm_m)``: functions ``(add (B, kH), h (B, H)) → add + h Uᵀ`` for this call.

@@ -112,7 +112,7 @@ def run_music(args: argparse.Namespace) -> int:
     primer = load_midi_roll(args.primer, **default_grid(config)) if args.primer else None
     exporter = export_music
     if getattr(model.config, "sparse", False):  # the smaller dense graph of the pruned model
-        from bbservice.sparse import export_pruned_music as exporter
+        from bbservice.pruning import export_pruned_music as exporter
     result = exporter(
         model,
         args.out,
@@ -145,7 +145,10 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.images:
         size = model.config.image_size
         images = np.stack([preprocess(load_image(p), size) for p in args.images])
-    result = export_caption(
+    exporter = export_caption
+    if model.config.sparse:  # the pruned decoder cell
+        from bbservice.pruning import export_pruned_caption as exporter
+    result = exporter(
         model,
         args.out,
         vocabulary=vocab.itos,

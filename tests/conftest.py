@@ -18,3 +18,55 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# -- sparse models (tests of bbservice.sparse, bbservice.pruning, training.prune_report) -------
+
+SPARSE_H = 8
+PRUNE_ALL = 20.0  # a log σ² that prunes any variable (log α clips to 8 > 3)
+
+
+def sparse_music_model(family: str, seed: int = 0):
+    """A small sparse piano-roll model (hidden 8, eval mode)."""
+    import torch
+
+    from bbservice.models.music import MusicConfig, PianoRollModel
+
+    torch.manual_seed(seed)
+    return PianoRollModel(MusicConfig.preset(family, hidden_size=SPARSE_H, sparse=True)).eval()
+
+
+def prune_some(model, seed: int = 0) -> None:
+    """Prune on every level: weights, inputs, a dead hidden unit, pre-activation rows."""
+    import torch
+
+    H, BIG = SPARSE_H, PRUNE_ALL
+    g = torch.Generator().manual_seed(seed)
+    c0, c1 = model.rnn.cells
+    with torch.no_grad():
+        c0.log_sigma2_ih[torch.rand(c0.weight_ih.shape, generator=g) < 0.5] = BIG
+        c1.log_sigma2_hh[torch.rand(c1.weight_hh.shape, generator=g) < 0.4] = BIG
+        c0.log_sigma2_x[:50] = BIG  # 50 of 88 keys unused
+        c0.log_sigma2_h[5] = BIG  # unit 5 of layer 0: no recurrent reader ...
+        c1.log_sigma2_x[5] = BIG  # ... and no reader above: dead
+        c0.log_sigma2_z[[1, H + 2, 3 * H + 4]] = BIG  # three constant rows of layer 0
+        c1.log_sigma2_z[2 * H : 2 * H + 3] = BIG
+
+
+def tiny_caption_config(gate: str = "bbeta5", sparse: bool = True):
+    """A tiny caption model config (32 px, 2×2 grid, E = 8, H = 8)."""
+    from bbservice.models.caption import CaptionConfig
+
+    return CaptionConfig(
+        vocab_size=11,
+        encoder_stages=2,
+        image_size=32,
+        grid_size=2,
+        embed_dim=8,
+        attention_dim=8,
+        hidden_size=SPARSE_H,
+        dropout=0.0,
+        gate=gate,
+        max_length=6,
+        sparse=sparse,
+    )

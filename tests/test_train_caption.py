@@ -252,3 +252,24 @@ def test_config_validation():
     )
     again = CaptionTrainConfig(**{**cfg.__dict__, "model": cfg.model.to_dict()})
     assert again.model == cfg.model == replace(cfg.model)
+
+
+def test_sparsify_trains_reports_evaluates_and_exports_a_pruned_model(scenes, tmp_path, capsys):
+    run, export = tmp_path / "sparse", tmp_path / "export"
+    argv = ["train", "caption", "--data", str(scenes), "--out", str(run), "--epochs", "2"]
+    argv += [*MODEL_ARGS, "--gate", "bbeta5", "--sparsify", "--sparse-kl-weight", "1"]
+    argv += ["--sparse-kl-warmup", "2"]
+    assert main(argv) == 0
+    assert "pruning report (bbeta5" in capsys.readouterr().out
+    recs = records(run)
+    assert 0 < recs[0]["sparse_kl_weight"] < recs[1]["sparse_kl_weight"] <= 1
+    assert all(r["sparse_kl"] > 0 and set(r["sparsity"]) >= {"preact", "input"} for r in recs)
+    report = json.loads((run / "best" / "prune_report.json").read_text())
+    assert report["kind"] == "caption" and report["totals"]["dense_parameters"] > 0
+    assert json.loads((run / "summary.json").read_text())["prune"] == report["totals"]
+    assert main(["eval", "caption", "--checkpoint", str(run), "--data", str(scenes)]) == 0
+    assert "pruning report" in capsys.readouterr().out
+    assert main(["export", "caption", str(run), "--out", str(export), "--no-store"]) == 0
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["verification"]["passed"] and "pruned" in manifest["config"]
+    assert manifest["config"]["pruned"]["max_abs_diff_vs_sparse"]["log_probs"] < 1e-4

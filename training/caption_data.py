@@ -350,6 +350,14 @@ class CaptionTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs) if self.flatten else len(self.items)
 
+    def targets_per_epoch(self) -> float:
+        """Expected predicted tokens (words kept + ``<end>``) of one pass over the dataset: per
+        image the mean over its captions, or every caption with ``flatten``."""
+        per_image = [[min(len(c), self.max_len) + 1 for c in it.captions] for it in self.items]
+        if self.flatten:
+            return float(sum(sum(n) for n in per_image))
+        return float(sum(sum(n) / len(n) for n in per_image))
+
     def encode(self, tokens: Sequence[str]) -> tuple[torch.Tensor, int]:
         """Token ids padded to (max_len + 2,), and the unpadded length."""
         ids = self.vocab.encode(tokens, self.max_len)

@@ -206,6 +206,12 @@ def run(args: argparse.Namespace) -> int:
     examples = list(result["captions"].items())[:3]
     for i, text in examples:
         print(f"  {items[i].image_path.name}: {text}")
+    prune = None
+    if model.config.sparse:
+        from training.prune_report import caption_prune_report, format_report
+
+        prune = caption_prune_report(model)
+        print(format_report(prune))
     if args.out:
         report = {
             "checkpoint": str(folder),
@@ -221,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds,
             "captions": {items[i].image_path.name: text for i, text in result["captions"].items()},
         }
+        if prune is not None:
+            report["prune"] = prune["totals"]
         common.write_json(Path(args.out), report)
         print(f"wrote {args.out}")
     return 0

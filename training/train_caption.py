@@ -34,7 +34,7 @@ from tqdm import tqdm
 from bbservice.errors import ConfigError, DataError
 from bbservice.gates import GAMMA_SAMPLERS, GATE_FAMILIES, GateConfig
 from bbservice.models.caption import ENCODER_ARCHS, CaptionConfig, CaptionModel
-from training import common
+from training import common, sparse_training
 from training.caption_data import (
     CaptionEvalDataset,
     CaptionTrainDataset,
@@ -44,6 +44,8 @@ from training.caption_data import (
     load_karpathy,
 )
 from training.eval_caption import evaluate
+from training.prune_report import caption_prune_report
+from training.sparse_training import SparseKLSchedule, publish_report
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class CaptionTrainConfig:
     num_workers: int = 0
     eval_batch_size: int = 64
     progress: bool = True
+    sparse_kl_weight: float = 1.0
+    sparse_kl_warmup: int = 0
     model: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,7 @@ class CaptionTrainConfig:
             raise ConfigError("--ss-max must be in [0, 1], --ss-ramp and --ss-start >= 1")
         if self.max_train_images < 0 or self.max_val_images < 0:
             raise ConfigError("--max-train-images and --max-val-images must be >= 0")
+        sparse_training.check_options(self.sparse_kl_weight, self.sparse_kl_warmup)
 
     def sampling_probability(self, epoch: int) -> float:
         """Scheduled-sampling probability of an epoch (linear ramp, then constant)."""
@@ -155,6 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--kl-alpha0", type=float, default=0.5)
     model.add_argument("--gamma-sampler", default="marsaglia", choices=GAMMA_SAMPLERS)
     model.add_argument("--g2-tau", type=float, default=0.9)
+    sparse_training.add_arguments(model, d.sparse_kl_weight, d.sparse_kl_warmup)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=d.epochs)
@@ -204,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionTrainConfig:
         gate=gate,
         max_length=args.max_length,
         attention_reg=args.attention_reg,
+        sparse=args.sparsify,
     )
     names = {f.name for f in fields(CaptionTrainConfig)} - {"model"}
     kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
@@ -326,6 +333,11 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
         val_ds = CaptionEvalDataset(
             val_items, model_cfg.image_size, cache=cfg.cache_images, name=cfg.val_split
         )
+    sparse = None
+    if model_cfg.sparse:
+        sparse = SparseKLSchedule(
+            cfg.sparse_kl_weight, cfg.sparse_kl_warmup, train_ds.targets_per_epoch()
+        )
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     ddp_model = dist.wrap(model)
@@ -372,13 +384,16 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
             unit="batch",
             dynamic_ncols=True,
         )
-        for images, captions, lengths, _ in bar:
+        for step, (images, captions, lengths, _) in enumerate(bar):
             images, captions, lengths = images.to(device), captions.to(device), lengths.to(device)
             with common.autocast(device, cfg.amp):
                 outputs = ddp_model(images, captions, lengths, sample_prob=ss_prob)
             loss = model.loss(outputs, captions, lengths)
+            total = loss.total
+            if sparse is not None:
+                total = total + sparse.loss(model.decoder.cell, epoch, step / max(len(bar), 1))
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss.total).backward()
+            scaler.scale(total).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)  # after backward()
             scaler.step(optimizer)
@@ -416,6 +431,8 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
                 "epoch_seconds": train_seconds,
                 "eval_seconds": time.perf_counter() - started - train_seconds,
             }
+            if sparse is not None:
+                record.update(sparse.record(model.decoder.cell))
         score = dist.sum(score)[0]  # the main process's score, on every process
         scheduler.step(score)
         improved = score > best_score
@@ -475,5 +492,8 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
 
     summary = {"best_epoch": best_epoch, "best_val": best_metrics, "parameters": counts}
     if dist.is_main:
+        if sparse is not None and (out / "best").exists():
+            common.load_weights(model, out / "best", device)  # the report is of best/
+            summary["prune"] = publish_report(caption_prune_report(model), out)
         common.write_json(out / "summary.json", summary)
     return summary

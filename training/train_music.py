@@ -23,9 +23,11 @@ from tqdm import tqdm
 from bbservice.errors import ConfigError, DataError
 from bbservice.gates import GAMMA_SAMPLERS, GATE_FAMILIES
 from bbservice.models.music import MusicConfig, PianoRollModel, count_parameters, frame_nll_sum
-from training import common
+from training import common, sparse_training
 from training.music_data import augment_transpositions, load_music
 from training.music_loop import collate, evaluate_nll, train_batches, usable
+from training.prune_report import prune_report
+from training.sparse_training import SparseKLSchedule, publish_report
 
 log = logging.getLogger(__name__)
 
@@ -135,23 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="start the output bias at 0, not at the key log-odds",
     )
-    parser.add_argument(
-        "--sparsify",
-        action="store_true",
-        help="sparse variational dropout on weights, neurons and gate pre-activations",
-    )
-    parser.add_argument(
-        "--sparse-kl-weight",
-        type=float,
-        default=d.sparse_kl_weight,
-        help="weight of the sparse VD KL (1: the ELBO, KL spread over the training frames)",
-    )
-    parser.add_argument(
-        "--sparse-kl-warmup",
-        type=int,
-        default=d.sparse_kl_warmup,
-        help="epochs of linear ramp of the sparse KL weight from 0 (0: no ramp)",
-    )
+    sparse_training.add_arguments(parser, d.sparse_kl_weight, d.sparse_kl_warmup)
 
 
 def config_from_args(args: argparse.Namespace) -> MusicTrainConfig:
@@ -259,7 +245,10 @@ def _train(cfg, resume, device, dist, out) -> dict:
             dist.world_size,
         )
     kl_weight = cfg.model.gate.kl_weight
-    sparse = _SparseTraining(cfg, train_seqs) if cfg.model.sparse else None
+    sparse = None
+    if cfg.model.sparse:
+        frames = sum(len(seq) - 1 for seq in train_seqs)
+        sparse = SparseKLSchedule(cfg.sparse_kl_weight, cfg.sparse_kl_warmup, frames)
     rng = np.random.default_rng(cfg.seed)
     for _ in range(1, start_epoch):
         rng.permutation(len(train_seqs))  # keep the batch order of an uninterrupted run
@@ -288,7 +277,7 @@ def _train(cfg, resume, device, dist, out) -> dict:
             kl = model.rnn.last_kl if kl_weight else None
             loss = (nll + kl_weight * kl) / frames if kl is not None else nll / frames
             if sparse is not None:
-                loss = loss + sparse.loss(model, epoch, step / max(len(mine), 1))
+                loss = loss + sparse.loss(model.rnn, epoch, step / max(len(mine), 1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)  # after backward()
@@ -319,7 +308,7 @@ def _train(cfg, resume, device, dist, out) -> dict:
             "best": improved,
         }
         if sparse is not None:
-            record.update(sparse.record(model))
+            record.update(sparse.record(model.rnn))
         if dist.is_main:
             extra = {"metrics": {"valid_nll": val_nll, "epoch": epoch}, "parameters": n_params}
             if improved:
@@ -366,38 +355,5 @@ def _train(cfg, resume, device, dist, out) -> dict:
         common.write_json(out / "summary.json", summary)
         log.info("best epoch %d: valid %.4f, test %s", best_epoch, best_val, summary["test_nll"])
         if sparse is not None:
-            summary["prune"] = sparse.report(model, out)
+            summary["prune"] = publish_report(prune_report(model), out)
     return summary
-
-
-class _SparseTraining:
-    """The sparse variational dropout term: ``w(t) · KL / N`` per batch (N training frames, so
-    ``w = 1`` is the ELBO), ``w`` ramped linearly from 0 over ``sparse_kl_warmup`` epochs."""
-
-    def __init__(self, cfg: MusicTrainConfig, train_seqs) -> None:
-        self.weight, self.warmup = cfg.sparse_kl_weight, cfg.sparse_kl_warmup
-        self.frames = max(sum(len(s) - 1 for s in train_seqs), 1)
-        self.current = 0.0
-
-    def loss(self, model, epoch: int, progress: float):
-        ramp = min(1.0, (epoch - 1 + progress) / self.warmup) if self.warmup else 1.0
-        self.current = self.weight * ramp
-        return self.current * model.rnn.kl() / self.frames
-
-    @torch.no_grad()
-    def record(self, model) -> dict:
-        return {
-            "sparse_kl_weight": self.current,
-            "sparse_kl": float(model.rnn.kl()),
-            "sparsity": model.rnn.sparsity(),
-        }
-
-    def report(self, model, out: Path) -> dict:
-        from training.prune_report import format_report, prune_report, write_report
-
-        report = prune_report(model)
-        print(format_report(report))
-        write_report(report, out)
-        if (out / "best").exists():
-            write_report(report, out / "best")
-        return report["totals"]

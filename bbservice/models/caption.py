@@ -75,6 +75,9 @@ class CaptionConfig:
     gate : gate family and its hyper-parameters (``kl_weight`` is the prior's λ).
     max_length : longest caption in words (training truncates, decoding stops there).
     attention_reg : λ of the doubly-stochastic attention regulariser.
+    sparse : sparse variational dropout on the decoder cell's weights, inputs, hidden units and
+        gate pre-activations (:class:`bbservice.sparse.SparseGatedLSTMCell`); prune and export
+        with :mod:`bbservice.pruning`.
     """
 
     vocab_size: int = 0
@@ -91,6 +94,7 @@ class CaptionConfig:
     gate: GateConfig = field(default_factory=lambda: GateConfig(family="bbeta5"))
     max_length: int = 20
     attention_reg: float = 1.0
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.gate, str):
@@ -118,6 +122,8 @@ class CaptionConfig:
             raise ConfigError(f"max_length must be >= 1, got {self.max_length}")
         if self.attention_reg < 0:
             raise ConfigError(f"attention_reg must be >= 0, got {self.attention_reg}")
+        if self.sparse and self.gate.family == "mlstm":
+            raise ConfigError("sparse variational dropout does not support the 'mlstm' family")
 
     @property
     def feature_dim(self) -> int:
@@ -290,7 +296,10 @@ class AttentionDecoder(nn.Module):
         self.init_h = nn.Linear(C, H)
         self.init_c = nn.Linear(C, H)
         self.f_beta = nn.Linear(H, 1)  # SAT's gating scalar β
-        self.cell = GatedLSTMCell(c.embed_dim + C, H, gate=c.gate)
+        cell_class = GatedLSTMCell
+        if c.sparse:
+            from bbservice.sparse import SparseGatedLSTMCell as cell_class
+        self.cell = cell_class(c.embed_dim + C, H, gate=c.gate)
         self.dropout = nn.Dropout(c.dropout)
         self.fc = nn.Linear(H, c.vocab_size)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
@@ -405,25 +414,26 @@ class AttentionDecoder(nn.Module):
             noise = cell.gate.draw_noise(T, B, cell.hidden_size, features, generator)
         want_kl = cell.config.kl_weight > 0
         kl = features.new_zeros(B)
-        matmuls = cell.recurrent_matmuls(B)
-        hs, alphas, step_logits = [], [], []
-        for t, emb in enumerate(inputs.unbind(1)):
-            if sample_prob > 0.0 and t > 0:
-                with torch.no_grad():
-                    probs = torch.softmax(step_logits[-1].detach().float(), dim=1)
-                    own = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-                    coin = torch.rand(B, device=own.device, generator=generator) < sample_prob
-                emb = torch.where(coin.unsqueeze(1), self.embedding(own), emb)
-            step_noise = None if noise is None else noise[t]
-            h, c, alpha, gates = self._advance(
-                emb, h, c, features, projected, mode, step_noise, matmuls, generator
-            )
-            hs.append(h)
-            alphas.append(alpha)
-            if want_kl:
-                kl = kl + cell.gate.kl(gates.alpha) * active[:, t]
-            if sample_prob > 0.0:
-                step_logits.append(self.fc(self.dropout(h)))  # (B, V)
+        with cell.sequence_noise(B, features):  # sparse cells: one noise draw per caption
+            matmuls = cell.recurrent_matmuls(B)
+            hs, alphas, step_logits = [], [], []
+            for t, emb in enumerate(inputs.unbind(1)):
+                if sample_prob > 0.0 and t > 0:
+                    with torch.no_grad():
+                        probs = torch.softmax(step_logits[-1].detach().float(), dim=1)
+                        own = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                        coin = torch.rand(B, device=own.device, generator=generator) < sample_prob
+                    emb = torch.where(coin.unsqueeze(1), self.embedding(own), emb)
+                step_noise = None if noise is None else noise[t]
+                h, c, alpha, gates = self._advance(
+                    emb, h, c, features, projected, mode, step_noise, matmuls, generator
+                )
+                hs.append(h)
+                alphas.append(alpha)
+                if want_kl:
+                    kl = kl + cell.gate.kl(gates.alpha) * active[:, t]
+                if sample_prob > 0.0:
+                    step_logits.append(self.fc(self.dropout(h)))  # (B, V)
         if step_logits:
             logits = torch.stack(step_logits, dim=1)  # (B, T, V)
         else:
