@@ -35,6 +35,7 @@ from bbservice.sparse import SparseGatedLSTM, SparseGatedLSTMCell
 # Defaults of the row / column compaction; see prune_to_dense.
 MIN_ROW_SAVING = 0.5
 MIN_COLUMN_SAVING = 0.25
+MIN_GATE_SAVING = 0.5
 
 
 def _optional_index(index: Tensor, size: int) -> Tensor | None:
@@ -64,10 +65,11 @@ class PrunedCell(nn.Module):
         active: Tensor,
         in_index: Tensor | None,
         rec_index: Tensor | None,
+        constant_gate_units: Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.config = gate
-        self.gate = make_gate(gate)
+        self.config = replace(gate, kl_weight=0.0)  # an inference cell: no prior term
+        self.gate = make_gate(self.config)
         self.hidden_size = hidden
         self.n_rows = b.numel()
         act_rows = active.nonzero().squeeze(1)
@@ -84,6 +86,41 @@ class PrunedCell(nn.Module):
         self.register_buffer("perm", None if identity else perm)
         self.register_buffer("in_index", in_index)
         self.register_buffer("rec_index", rec_index)
+        self._init_constant_gates(b, constant_gate_units)
+
+    def _init_constant_gates(self, b: Tensor, units: Tensor | None) -> None:
+        """Units whose every gate block is constant get their mean gates ``i``, ``f`` ``(H',)``
+        precomputed: with mean gates no gate math runs for them (none at all when every unit
+        of the layer is constant)."""
+        hs, n = self.hidden_size, self.gate.n_blocks
+        self.n_constant_gates = 0 if units is None else int(units.sum())
+        for name in ("gate_i", "gate_f", "var_units", "gate_perm"):
+            self.register_buffer(name, None)
+        if not self.n_constant_gates:
+            return
+        i, f, _ = self.gate.mean(b[: n * hs].unsqueeze(0))
+        const_units = units.nonzero().squeeze(1)
+        var_units = (~units).nonzero().squeeze(1)
+        self.gate_i, self.gate_f = i[0, const_units].clone(), f[0, const_units].clone()
+        if var_units.numel():
+            order = torch.cat([var_units, const_units])
+            perm = torch.empty_like(order)
+            perm[order] = torch.arange(order.numel())
+            self.var_units, self.gate_perm = var_units, perm
+
+    def mean_gates(self, zgate: Tensor) -> GateOutput:
+        """Mean gates from the gate blocks ``(B, n·H')``, constant units not recomputed."""
+        if not self.n_constant_gates:
+            return self.gate.mean(zgate)
+        batch = zgate.shape[0]
+        if self.var_units is None:  # every unit constant: no gate math at all
+            return GateOutput(self.gate_i.expand(batch, -1), self.gate_f.expand(batch, -1), None)
+        n = self.gate.n_blocks
+        zvar = zgate.view(batch, n, self.hidden_size).index_select(2, self.var_units)
+        i, f, _ = self.gate.mean(zvar.reshape(batch, -1))
+        i = torch.cat([i, self.gate_i.expand(batch, -1)], 1).index_select(1, self.gate_perm)
+        f = torch.cat([f, self.gate_f.expand(batch, -1)], 1).index_select(1, self.gate_perm)
+        return GateOutput(i, f, None)
 
     def preactivation(self, x: Tensor, h: Tensor) -> Tensor:
         """Full ``z`` ``(B, k·H')`` in block order."""
@@ -103,7 +140,7 @@ class PrunedCell(nn.Module):
     def gates(self, x: Tensor, h: Tensor) -> GateOutput:
         """Mean gates ``(i, f, alpha)`` of one step (for tests and inspection)."""
         z = self.preactivation(x, h)
-        return self.gate.mean(z[:, : self.gate.n_blocks * self.hidden_size])
+        return self.mean_gates(z[:, : self.gate.n_blocks * self.hidden_size])
 
     def step_with_gates(
         self, x: Tensor, h: Tensor, c: Tensor, gate_mode: str = "mean", noise=None, generator=None
@@ -111,7 +148,10 @@ class PrunedCell(nn.Module):
         z = self.preactivation(x, h)
         hs = self.hidden_size
         zgate, zg, zo = z.split([z.shape[1] - 2 * hs, hs, hs], dim=1)
-        gates = self.gate(zgate, gate_mode, noise, generator)
+        if gate_mode == "mean" or not self.gate.stochastic:
+            gates = self.mean_gates(zgate)
+        else:  # sampled: a constant α still gives a random Beta gate
+            gates = self.gate(zgate, gate_mode, noise, generator)
         c = gates.f * c + gates.i * tanh(zg)
         h = torch.sigmoid(zo) * tanh(c)
         return h, c, gates
@@ -151,11 +191,14 @@ def prune_cell(
     *,
     min_row_saving: float = MIN_ROW_SAVING,
     min_column_saving: float = MIN_COLUMN_SAVING,
+    min_gate_saving: float = MIN_GATE_SAVING,
 ) -> PrunedCell:
     """The :class:`PrunedCell` of one sparse cell (on the CPU, mean θ, pruned entries zeroed).
 
     ``kept``: the hidden units to keep (default: all); ``prev_kept``: the input features the
-    previous layer still produces (default: all). See :func:`prune_to_dense` for the savings.
+    previous layer still produces (default: all). See :func:`prune_to_dense` for the savings;
+    units whose every gate block is constant get precomputed mean gates where they are at
+    least ``min_gate_saving`` of the units (or all of them).
     """
     hid, nb = cell.hidden_size, cell.n_blocks
     w, u = (t.detach().cpu() for t in cell.effective_weights())
@@ -166,6 +209,10 @@ def prune_cell(
     if prev_kept is not None:
         w = w[:, prev_kept.cpu()]
     active = (w != 0).any(1) | (u != 0).any(1)
+    n_gate, width = cell.gate.n_blocks, int(k.numel())
+    gate_units = (~active[: n_gate * width]).view(n_gate, width).all(0)
+    if float(gate_units.float().mean()) < min_gate_saving and not bool(gate_units.all()):
+        gate_units = None
     if float((~active).float().mean()) < min_row_saving or bool(active.all()):
         active = torch.ones_like(active)
     in_cols = (w[active] != 0).any(0).nonzero().squeeze(1)
@@ -183,6 +230,7 @@ def prune_cell(
         active,
         _optional_index(in_cols, w.shape[1]),
         _optional_index(rec_cols, u.shape[1]),
+        gate_units,
     )
 
 
@@ -292,7 +340,11 @@ def live_units(model) -> list[Tensor]:
 
 @torch.no_grad()
 def prune_to_dense(
-    model, *, min_row_saving: float = MIN_ROW_SAVING, min_column_saving: float = MIN_COLUMN_SAVING
+    model,
+    *,
+    min_row_saving: float = MIN_ROW_SAVING,
+    min_column_saving: float = MIN_COLUMN_SAVING,
+    min_gate_saving: float = MIN_GATE_SAVING,
 ) -> PrunedPianoRollModel:
     """The smaller dense equivalent of a sparse piano-roll model, on the CPU.
 
@@ -320,6 +372,7 @@ def prune_to_dense(
                 prev_kept,
                 min_row_saving=min_row_saving,
                 min_column_saving=min_column_saving,
+                min_gate_saving=min_gate_saving,
             )
         )
         prev_kept = kept[layer]
@@ -365,6 +418,7 @@ def export_pruned_music(
     tolerance: float = 1e-4,
     min_row_saving: float = MIN_ROW_SAVING,
     min_column_saving: float = MIN_COLUMN_SAVING,
+    min_gate_saving: float = MIN_GATE_SAVING,
     **kwargs,
 ):
     """Prune a sparse piano-roll model to dense, check it against the sparse model (max abs
@@ -379,7 +433,10 @@ def export_pruned_music(
     from training.prune_report import prune_report
 
     dense = prune_to_dense(
-        model, min_row_saving=min_row_saving, min_column_saving=min_column_saving
+        model,
+        min_row_saving=min_row_saving,
+        min_column_saving=min_column_saving,
+        min_gate_saving=min_gate_saving,
     )
     check = compare_pruned(model, dense)
     if max(check.values()) > tolerance:
@@ -415,7 +472,11 @@ def dense_parameter_count(model) -> int:
 
 @torch.no_grad()
 def prune_caption(
-    model, *, min_row_saving: float = MIN_ROW_SAVING, min_column_saving: float = MIN_COLUMN_SAVING
+    model,
+    *,
+    min_row_saving: float = MIN_ROW_SAVING,
+    min_column_saving: float = MIN_COLUMN_SAVING,
+    min_gate_saving: float = MIN_GATE_SAVING,
 ):
     """A CPU copy of a sparse :class:`~bbservice.models.caption.CaptionModel` whose decoder
     cell is the :class:`PrunedCell` (constant rows out, unused embedding / context columns
@@ -426,7 +487,10 @@ def prune_caption(
         raise ConfigError("prune_caption needs a caption model trained with sparse=True")
     pruned = copy.deepcopy(model).cpu().eval()
     pruned.decoder.cell = prune_cell(
-        pruned.decoder.cell, min_row_saving=min_row_saving, min_column_saving=min_column_saving
+        pruned.decoder.cell,
+        min_row_saving=min_row_saving,
+        min_column_saving=min_column_saving,
+        min_gate_saving=min_gate_saving,
     )
     dense_config = replace(model.config, sparse=False)
     pruned.config = pruned.decoder.config = dense_config
@@ -485,6 +549,7 @@ def export_pruned_caption(
     tolerance: float = 1e-4,
     min_row_saving: float = MIN_ROW_SAVING,
     min_column_saving: float = MIN_COLUMN_SAVING,
+    min_gate_saving: float = MIN_GATE_SAVING,
     **kwargs,
 ):
     """:func:`prune_caption`, check it against the sparse model (max abs difference <=
@@ -499,7 +564,10 @@ def export_pruned_caption(
     from training.prune_report import caption_prune_report
 
     pruned = prune_caption(
-        model, min_row_saving=min_row_saving, min_column_saving=min_column_saving
+        model,
+        min_row_saving=min_row_saving,
+        min_column_saving=min_column_saving,
+        min_gate_saving=min_gate_saving,
     )
     check = compare_pruned_caption(model, pruned)
     if max(check.values()) > tolerance:

@@ -205,3 +205,34 @@ def test_pruned_caption_export_has_constant_gates_and_matches(tmp_path):
         ref = model.decoder.step(t["tokens"], t["h"], t["c"], t["features"], "mean", t["projected"])
     assert np.abs(log_probs - ref[0].numpy()).max() < 1e-4
     assert np.abs(c_out - ref[2].numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["lstm", "bbeta5"])
+@pytest.mark.parametrize("all_units", [True, False])
+def test_constant_gates_are_precomputed_and_match(family, all_units, tmp_path):
+    model = sparse_model(family, seed=3)
+    cell = model.rnn.cells[1]
+    units = list(range(H)) if all_units else list(range(H // 2))  # half: the default minimum
+    with torch.no_grad():
+        for j in range(cell.gate.n_blocks):
+            cell.log_sigma2_z[[j * H + u for u in units]] = BIG
+    dense = prune_to_dense(model)
+    pcell = dense.rnn.cells[1]
+    assert pcell.n_constant_gates == len(units)
+    assert (pcell.var_units is None) == all_units  # all constant: no gate math left
+    assert dense.rnn.cells[0].n_constant_gates == 0
+    assert max(compare_pruned(model, dense, steps=10).values()) < 1e-5
+    frame = (torch.rand(4, 88) < 0.2).float()
+    h, c = dense.zero_state(4)
+    with torch.no_grad():
+        i, f, _ = pcell.gates(torch.rand(4, H), torch.rand(4, H))
+        assert torch.allclose(i[:, units], i[:1, units].expand(4, -1))  # constant over inputs
+        mean_probs = dense.step(frame, h, c, "mean")[0]
+        torch.manual_seed(0)
+        sampled = dense.step(frame, h, c, "sample")[0]  # sampled gates still work
+    assert sampled.shape == mean_probs.shape and torch.isfinite(sampled).all()
+    if cell.gate.stochastic:
+        assert not torch.allclose(sampled, mean_probs)
+    if family == "bbeta5" and all_units:
+        result = export_pruned_music(model, tmp_path / "export", store=False)
+        assert result.manifest["verification"]["passed"]
