@@ -410,6 +410,15 @@ def compare_pruned(
     return diff
 
 
+def _source_record(model, config: dict) -> dict:
+    """What identifies the sparse model a pruned export came from: its config and content
+    hash (as its checkpoint's ``config.json`` gives them). The service accepts that checkpoint
+    for ``mode=stochastic``, where the gates are sampled in PyTorch."""
+    from export.onnx_export import content_hash
+
+    return {"source_model": config["model"], "source_content_hash": content_hash(model, config)}
+
+
 def export_pruned_music(
     model,
     out,
@@ -425,8 +434,9 @@ def export_pruned_music(
     difference <= ``tolerance`` on probabilities and kept states), then
     :func:`export.onnx_export.export_music` it (which verifies ONNX against the dense model).
 
-    The recorded config gains ``pruned`` (layer widths, the report's totals and the check);
-    no PyTorch checkpoint is embedded (the dense module is not a PianoRollModel).
+    The recorded config gains ``pruned`` (layer widths, the report's totals, the check, and
+    the sparse model's config and content hash); no PyTorch checkpoint is embedded (the dense
+    module is not a PianoRollModel): the sparse checkpoint serves ``mode=stochastic``.
     """
     from export.onnx_export import export_music
     from export.verify import VerificationError
@@ -442,8 +452,10 @@ def export_pruned_music(
     if max(check.values()) > tolerance:
         raise VerificationError(f"pruned dense model differs from the sparse model: {check}")
     config = dict(config or {"kind": "music", "model": model.config.to_dict()})
+    source = _source_record(model, config)
     config["model"] = {**config["model"], "hidden_size": dense.config.hidden_size}
     config["pruned"] = {
+        **source,
         "widths": dense.widths,
         "source_hidden_size": model.config.hidden_size,
         "totals": prune_report(model)["totals"],
@@ -556,8 +568,9 @@ def export_pruned_caption(
     ``tolerance`` on log-probabilities, state and attention), then
     :func:`export.onnx_export.export_caption` it (verified against the pruned model).
 
-    The recorded config gains ``pruned`` (the report's totals and the check); no PyTorch
-    checkpoint is embedded (its cell is not the dense cell).
+    The recorded config gains ``pruned`` (the report's totals, the check, and the sparse
+    model's config and content hash); no PyTorch checkpoint is embedded (its cell is not the
+    dense cell): the sparse checkpoint serves ``mode=stochastic``.
     """
     from export.onnx_export import export_caption
     from export.verify import VerificationError
@@ -574,6 +587,7 @@ def export_pruned_caption(
         raise VerificationError(f"pruned caption model differs from the sparse model: {check}")
     config = dict(config or {"kind": "caption", "model": model.config.to_dict()})
     config["pruned"] = {
+        **_source_record(model, config),
         "totals": caption_prune_report(model)["totals"],
         "max_abs_diff_vs_sparse": check,
     }

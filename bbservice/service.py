@@ -469,7 +469,11 @@ class Stochastic:
 
             model = CaptionModel.from_checkpoint(folder, "cpu")
         expected = manifest.get("content_hash")
-        same_model = config.get("model") == manifest.get("config", {}).get("model")
+        exported_model = manifest.get("config", {}).get("model")
+        pruned = manifest.get("config", {}).get("pruned")
+        if pruned:  # a pruned export: its sparse source checkpoint samples the gates
+            expected, exported_model = pruned.get("source_content_hash"), pruned.get("source_model")
+        same_model = config.get("model") == exported_model
         hashes = {_content_hash(model, config), _content_hash(model, manifest["config"])}
         if expected not in hashes or not same_model:
             raise DataError(

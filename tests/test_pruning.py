@@ -4,6 +4,10 @@ the pruned exports are smaller and verified."""
 
 from __future__ import annotations
 
+import runpy
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -18,7 +22,7 @@ from onnx import numpy_helper
 from bbservice.decoding import greedy, sample_gate_passes
 from bbservice.errors import ConfigError
 from bbservice.models.caption import END_ID, START_ID, CaptionModel, TorchCaptionStepper
-from bbservice.models.music import count_parameters
+from bbservice.models.music import PianoRollModel, count_parameters
 from bbservice.pruning import (
     compare_pruned,
     compare_pruned_caption,
@@ -29,7 +33,7 @@ from bbservice.pruning import (
     prune_caption,
     prune_to_dense,
 )
-from export.onnx_export import GraphSpec, export_graph
+from export.onnx_export import GraphSpec, export_graph, export_music
 from training.prune_report import prune_report
 
 
@@ -236,3 +240,22 @@ def test_constant_gates_are_precomputed_and_match(family, all_units, tmp_path):
     if family == "bbeta5" and all_units:
         result = export_pruned_music(model, tmp_path / "export", store=False)
         assert result.manifest["verification"]["passed"]
+
+
+def test_bench_pruned_compares_exports(tmp_path, capsys):
+    root = Path(__file__).resolve().parents[1]
+    bench = runpy.run_path(str(root / "bench" / "bench_pruned.py"))
+    model = sparse_model("bbeta5", seed=5)
+    cell = model.rnn.cells[1]
+    with torch.no_grad():
+        cell.log_sigma2_z[: cell.gate.n_blocks * H] = BIG  # every gate of layer 1 constant
+    dense_model = PianoRollModel(replace(model.config, sparse=False)).eval()
+    export_music(dense_model, tmp_path / "dense", store=False)
+    export_pruned_music(model, tmp_path / "pruned", store=False)
+    argv = [str(tmp_path / "dense"), str(tmp_path / "pruned"), "--steps", "3", "--repeats", "1"]
+    assert bench["main"](argv + ["--batch", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    dense_row, pruned_row = lines[1].split(), lines[2].split()
+    assert dense_row[1] == "no" and pruned_row[1] == "yes"
+    assert float(dense_row[-1]) == 1.0  # the baseline's ratio against itself
+    assert int(pruned_row[4].replace(",", "")) < int(dense_row[4].replace(",", ""))

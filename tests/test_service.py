@@ -717,3 +717,56 @@ def test_models_from_the_bentoml_model_store(exports):
             assert info["stochastic"]["available"] is True  # checkpoint/ travels with the entry
         r = caption(c, image_bytes())
         assert r.status_code == 200 and r.json()["model"]["tag"] == tags["caption"]
+
+
+def _pruned_exports(tmp_path: Path) -> dict[str, Path]:
+    """Pruned exports of tiny sparse models, with their sparse checkpoints beside them."""
+    import torch
+    from conftest import PRUNE_ALL, prune_some, sparse_music_model, tiny_caption_config
+    from safetensors.torch import save_file
+
+    from bbservice.models.caption import CaptionModel
+    from bbservice.pruning import export_pruned_caption, export_pruned_music
+
+    def checkpoint(model, kind: str) -> tuple[Path, dict]:
+        folder = tmp_path / f"{kind}_checkpoint"
+        folder.mkdir()
+        config = {"kind": kind, "model": model.config.to_dict()}
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder, config
+
+    music = sparse_music_model("bbeta5", seed=4)
+    prune_some(music)
+    torch.manual_seed(0)
+    cap = CaptionModel.build(tiny_caption_config("bbeta5")).eval()
+    with torch.no_grad():
+        cap.decoder.cell.log_sigma2_z[:20] = PRUNE_ALL
+    out = {}
+    for kind, model, exporter in (
+        ("music", music, export_pruned_music),
+        ("caption", cap, export_pruned_caption),
+    ):
+        folder, config = checkpoint(model, kind)
+        out[kind] = tmp_path / f"{kind}_export"
+        exporter(model, out[kind], config=config, store=False, source={"checkpoint": str(folder)})
+        out[f"{kind}_checkpoint"] = folder
+    return out
+
+
+def test_pruned_exports_serve_mean_and_stochastic(tmp_path):
+    exports = _pruned_exports(tmp_path)
+    with make_client(export_env(exports)) as c:
+        r = c.post("/generate_json", json={"frames": 8, "seed": 1})
+        assert r.status_code == 200, r.text
+        r = c.post("/generate_json", json={"frames": 8, "mode": "stochastic", "seed": 1})
+        assert r.status_code == 200, r.text  # gates sampled by the sparse PyTorch model
+        assert caption(c, image_bytes()).status_code == 200
+        r = caption(c, image_bytes(), mode="stochastic", samples=3, seed=0)
+        assert r.status_code == 200, r.text
+        body = wait_stochastic_loaded(c)
+        for kind in ("music", "caption"):
+            info = body["models"][kind]["stochastic"]
+            assert info["available"] is True, info
+            assert info["checkpoint"] == str(exports[f"{kind}_checkpoint"])
