@@ -410,6 +410,10 @@ def compare_pruned(
     return diff
 
 
+def _compaction(rows: float, columns: float, gates: float) -> dict:
+    return {"min_row_saving": rows, "min_column_saving": columns, "min_gate_saving": gates}
+
+
 def _source_record(model, config: dict) -> dict:
     """What identifies the sparse model a pruned export came from: its config and content
     hash (as its checkpoint's ``config.json`` gives them). The service accepts that checkpoint
@@ -457,6 +461,7 @@ def export_pruned_music(
     config["pruned"] = {
         **source,
         "widths": dense.widths,
+        "compaction": _compaction(min_row_saving, min_column_saving, min_gate_saving),
         "source_hidden_size": model.config.hidden_size,
         "totals": prune_report(model)["totals"],
         "max_abs_diff_vs_sparse": check,
@@ -588,6 +593,7 @@ def export_pruned_caption(
     config = dict(config or {"kind": "caption", "model": model.config.to_dict()})
     config["pruned"] = {
         **_source_record(model, config),
+        "compaction": _compaction(min_row_saving, min_column_saving, min_gate_saving),
         "totals": caption_prune_report(model)["totals"],
         "max_abs_diff_vs_sparse": check,
     }

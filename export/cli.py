@@ -48,6 +48,37 @@ def _common(parser: argparse.ArgumentParser, kind: str) -> None:
         choices=("cpu", "cuda", "auto"),
         help="ONNX Runtime device of the verification (default cpu)",
     )
+    from bbservice.pruning import MIN_COLUMN_SAVING, MIN_GATE_SAVING, MIN_ROW_SAVING
+
+    pruning = parser.add_argument_group(
+        "pruning (checkpoints trained with --sparsify)",
+        "what the pruned graph compacts; a saving below its minimum stays in the dense products "
+        "(exact too, and faster than the gathers when there is little to save)",
+    )
+    for name, default, what in (
+        ("row", MIN_ROW_SAVING, "constant pre-activation rows out of the matrix products"),
+        ("column", MIN_COLUMN_SAVING, "unused input and recurrent columns gathered away"),
+        ("gate", MIN_GATE_SAVING, "mean gates of constant-gate units precomputed"),
+    ):
+        pruning.add_argument(
+            f"--min-{name}-saving",
+            type=float,
+            default=default,
+            metavar="FRACTION",
+            help=f"{what} from this fraction of a layer on (default {default:g}; 0: always)",
+        )
+
+
+def _pruning_options(args: argparse.Namespace) -> dict:
+    options = {
+        "min_row_saving": args.min_row_saving,
+        "min_column_saving": args.min_column_saving,
+        "min_gate_saving": args.min_gate_saving,
+    }
+    for key, value in options.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be in [0, 1], got {value}")
+    return options
 
 
 def add_music_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,9 +141,11 @@ def run_music(args: argparse.Namespace) -> int:
     _check_tolerance(args)
     model, config = load_music_checkpoint(args.checkpoint, "cpu")
     primer = load_midi_roll(args.primer, **default_grid(config)) if args.primer else None
-    exporter = export_music
+    exporter, extra = export_music, {}
     if getattr(model.config, "sparse", False):  # the smaller dense graph of the pruned model
         from bbservice.pruning import export_pruned_music as exporter
+
+        extra = _pruning_options(args)
     result = exporter(
         model,
         args.out,
@@ -126,6 +159,7 @@ def run_music(args: argparse.Namespace) -> int:
         primer=primer,
         verify_device=args.verify_device,
         source={"checkpoint": str(Path(args.checkpoint).resolve())},
+        **extra,
     )
     print(json.dumps(_summary(result), indent=2))
     return 0
@@ -145,9 +179,11 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.images:
         size = model.config.image_size
         images = np.stack([preprocess(load_image(p), size) for p in args.images])
-    exporter = export_caption
+    exporter, extra = export_caption, {}
     if model.config.sparse:  # the pruned decoder cell
         from bbservice.pruning import export_pruned_caption as exporter
+
+        extra = _pruning_options(args)
     result = exporter(
         model,
         args.out,
@@ -162,6 +198,7 @@ def run_caption(args: argparse.Namespace) -> int:
         images=images,
         verify_device=args.verify_device,
         source={"checkpoint": str(folder.resolve())},
+        **extra,
     )
     print(json.dumps(_summary(result), indent=2))
     return 0

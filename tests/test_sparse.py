@@ -136,3 +136,34 @@ def test_tiny_sparsify_training_run(tmp_path, capsys):
     assert main(["export", "music", str(out), "--out", str(export), "--no-store"]) == 0
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["verification"]["passed"] and "pruned" in manifest["config"]
+
+
+def test_export_cli_pruning_options_reach_the_pruned_graph(tmp_path, capsys):
+    import onnx
+    from conftest import prune_some
+    from safetensors.torch import save_file
+
+    model = sparse_model("lstm", seed=2)
+    prune_some(model)  # 3 constant rows of 32 in layer 0: below the default minimum
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(ckpt / "model.safetensors"))
+    config = {"kind": "music", "model": model.config.to_dict()}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    rows = {}
+    for option, out in ((None, "default"), ("0", "all")):
+        argv = ["export", "music", str(ckpt), "--out", str(tmp_path / out), "--no-store"]
+        if option is not None:
+            argv += ["--min-row-saving", option]
+        assert main(argv) == 0
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        assert manifest["config"]["pruned"]["compaction"]["min_row_saving"] == float(option or 0.5)
+        graph = onnx.load(str(tmp_path / out / "music_step.onnx")).graph
+        rows[out] = {tuple(t.dims)[0] for t in graph.initializer if len(t.dims) == 2}
+    assert 4 * H - 3 in rows["all"] and 4 * H - 3 not in rows["default"]  # rows taken out
+    capsys.readouterr()
+    bad = ["export", "music", str(ckpt), "--out", str(tmp_path / "bad"), "--min-gate-saving", "2"]
+    assert main(bad) == 2
+    assert "--min-gate-saving must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
