@@ -311,6 +311,14 @@ class PrunedPianoRollModel(nn.Module):
         return out
 
 
+def readout_weight(model) -> Tensor:
+    """The read-out weight ``(88, H)`` with the sparse read-out inputs folded in (pruned
+    columns zero)."""
+    weight = model.readout.weight
+    neurons = getattr(model, "readout_neurons", None)
+    return weight if neurons is None else weight * neurons.effective()
+
+
 @torch.no_grad()
 def live_units(model) -> list[Tensor]:
     """Bool ``(H,)`` per layer of a sparse piano-roll model: the hidden units whose h can reach
@@ -324,7 +332,7 @@ def live_units(model) -> list[Tensor]:
         return (weight != 0).view(nb, hid, -1).any(0)
 
     live: list[Tensor] = [torch.zeros(hid, dtype=torch.bool)] * len(eff)
-    reads = (model.readout.weight != 0).any(0)
+    reads = (readout_weight(model) != 0).any(0)
     for layer in range(len(eff) - 1, -1, -1):
         cur = reads.clone()
         dep_u = unit_deps(eff[layer][1])
@@ -377,7 +385,7 @@ def prune_to_dense(
         )
         prev_kept = kept[layer]
     readout = nn.Linear(int(kept[-1].numel()), model.readout.out_features)
-    readout.weight.copy_(model.readout.weight[:, kept[-1]])
+    readout.weight.copy_(readout_weight(model)[:, kept[-1]])
     readout.bias.copy_(model.readout.bias)
     dense = PrunedPianoRollModel(model.config, cells, readout, kept, model.rnn.hidden_size)
     model.train(was_training)
@@ -615,4 +623,5 @@ __all__ = [
     "prune_caption",
     "prune_cell",
     "prune_to_dense",
+    "readout_weight",
 ]

@@ -298,9 +298,52 @@ class SparseGatedLSTM(GatedLSTM):
         }
 
 
+class SparseNeurons(nn.Module):
+    """Sparse variational dropout on the features of an input ``(..., N)`` (the read-out's
+    input: the top layer's h): ``x ⊙ ẑ``, one variable per feature. Training: one draw per row
+    of the batch, shared over time; evaluation: ``θ`` with pruned features zeroed. A pruned
+    feature lets the unit that produces it die when nothing else reads it."""
+
+    def __init__(self, features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.theta = nn.Parameter(torch.ones(features, **kw))
+        self.log_sigma2 = nn.Parameter(torch.full((features,), INIT_LOG_SIGMA2_GROUP, **kw))
+        self.threshold = PRUNE_THRESHOLD
+
+    def log_alpha(self) -> Tensor:
+        return log_alpha(self.theta, self.log_sigma2)
+
+    def mask(self) -> Tensor:
+        """Bool ``(N,)``: the features that survive."""
+        return keep_mask(self.log_alpha(), self.threshold)
+
+    def effective(self) -> Tensor:
+        """``(N,)``: θ with pruned features zeroed (the evaluation-time multiplier)."""
+        return self.theta * self.mask()
+
+    def kl(self) -> Tensor:
+        return kl_log_uniform(self.log_alpha()).sum()
+
+    @torch.no_grad()
+    def sparsity(self) -> float:
+        return 1.0 - float(self.mask().float().mean())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, N)`` or ``(B, T, N)`` → the same shape."""
+        if not self.training:
+            return x * self.effective().to(x.dtype)
+        eps = torch.randn(x.shape[0], self.theta.shape[0], device=x.device, dtype=self.theta.dtype)
+        z = self.theta + torch.exp(0.5 * self.log_sigma2) * eps  # (B, N)
+        if x.dim() == 3:
+            z = z.unsqueeze(1)
+        return x * z.to(x.dtype)
+
+
 __all__ = [
     "SparseGatedLSTM",
     "SparseGatedLSTMCell",
+    "SparseNeurons",
     "block_names",
     "keep_mask",
     "kl_log_uniform",

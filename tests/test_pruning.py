@@ -259,3 +259,15 @@ def test_bench_pruned_compares_exports(tmp_path, capsys):
     assert dense_row[1] == "no" and pruned_row[1] == "yes"
     assert float(dense_row[-1]) == 1.0  # the baseline's ratio against itself
     assert int(pruned_row[4].replace(",", "")) < int(dense_row[4].replace(",", ""))
+
+
+def test_a_pruned_readout_input_lets_the_top_unit_die():
+    model = sparse_model("lstm", seed=6)
+    top = model.rnn.cells[1]
+    with torch.no_grad():
+        top.log_sigma2_h[4] = BIG  # layer 1 unit 4: no recurrent reader ...
+        model.readout_neurons.log_sigma2[4] = BIG  # ... and the read-out does not read it
+    dense = prune_to_dense(model)
+    assert dense.widths == [H, H - 1] and 4 not in dense.kept_units[1].tolist()
+    assert max(compare_pruned(model, dense).values()) < 1e-5
+    assert prune_report(model)["totals"]["readout_inputs"]["remaining"] == H - 1

@@ -14,7 +14,7 @@ from conftest import SPARSE_H as H
 from conftest import sparse_music_model as sparse_model
 
 from bbservice.cli import main
-from bbservice.models.music import MusicConfig
+from bbservice.models.music import MusicConfig, PianoRollModel
 from bbservice.sparse import (
     SparseGatedLSTM,
     SparseGatedLSTMCell,
@@ -167,3 +167,28 @@ def test_export_cli_pruning_options_reach_the_pruned_graph(tmp_path, capsys):
     assert main(bad) == 2
     assert "--min-gate-saving must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_readout_neurons_noise_kl_and_pruning():
+    model = sparse_model("lstm")
+    neurons = model.readout_neurons
+    assert neurons is not None and neurons.theta.shape == (H,)
+    frames = (torch.rand(2, 5, 88) < 0.2).float()
+    model.train()
+    with torch.no_grad():
+        neurons.log_sigma2.fill_(0.0)  # visible noise
+        a, _ = model(frames)
+        b, _ = model(frames)
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        neurons.log_sigma2[:3] = BIG
+        kl_rnn = model.rnn.kl()
+        assert torch.allclose(model.sparse_kl(), kl_rnn + neurons.kl())
+        assert model.sparsity()["readout"] == 3 / H
+        x, _ = model(frames)
+        model.readout.weight[:, :3] = 99.0  # pruned inputs are not read
+        y, _ = model(frames)
+    assert torch.allclose(x, y)
+    dense = PianoRollModel(MusicConfig.preset("lstm", hidden_size=H))
+    assert dense.readout_neurons is None

@@ -114,7 +114,8 @@ def prune_report(model) -> dict:
         "pruned_dense_parameters": pruned_params,
         "parameter_compression": round(dense_params / max(pruned_params, 1), 4),
         "layer_widths": dense.widths,
-        "sparsity": {k: round(v, 6) for k, v in rnn.sparsity().items()},
+        "readout_inputs": _count(model.readout_neurons.mask().cpu()),
+        "sparsity": {k: round(v, 6) for k, v in model.sparsity().items()},
     }
     model.train(was_training)
     return {
@@ -195,8 +196,13 @@ def format_report(report: dict) -> str:
         lines.append(
             f"    constant blocks {const_blocks or '{}'}; constant gates (units) {const_gates}"
         )
-    what = "layer widths" if "layer_widths" in t else "cell parameters"
-    detail = t.get("layer_widths") or f"{t['pruned_cell_parameters']}/{t['cell_parameters']}"
+    if "layer_widths" in t:
+        what = "layer widths"
+        detail = f"{t['layer_widths']}; read-out inputs {t['readout_inputs']['remaining']}/"
+        detail += str(t["readout_inputs"]["total"])
+    else:
+        what = "cell parameters"
+        detail = f"{t['pruned_cell_parameters']}/{t['cell_parameters']}"
     lines.append(
         f"  weights {t['recurrent_weights_remaining']}/{t['recurrent_weights']} "
         f"(×{t['weight_compression']:g}); parameters {t['pruned_dense_parameters']}/"

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bbservice.errors import ConfigError
 
@@ -45,7 +44,7 @@ def check_options(weight: float, warmup: int) -> None:
 
 
 class SparseKLSchedule:
-    """``w(t) · KL / N`` per batch; ``module`` is a sparse layer (``kl()``, ``sparsity()``)."""
+    """``w(t) · KL / N`` per batch, from the model's summed (unweighted) sparse VD KL."""
 
     def __init__(self, weight: float, warmup: int, targets: float) -> None:
         check_options(weight, warmup)
@@ -53,20 +52,15 @@ class SparseKLSchedule:
         self.targets = max(float(targets), 1.0)
         self.current = 0.0
 
-    def loss(self, module: nn.Module, epoch: int, progress: float) -> Tensor:
+    def loss(self, kl: Tensor, epoch: int, progress: float) -> Tensor:
         """The term for a batch ``progress`` ∈ [0, 1) of the way through ``epoch`` (from 1)."""
         ramp = min(1.0, (epoch - 1 + progress) / self.warmup) if self.warmup else 1.0
         self.current = self.weight * ramp
-        return self.current * module.kl() / self.targets
+        return self.current * kl / self.targets
 
-    @torch.no_grad()
-    def record(self, module: nn.Module) -> dict:
+    def record(self, kl: Tensor, sparsity: dict[str, float]) -> dict:
         """Log fields of an epoch: the current weight, the KL and the pruned fractions."""
-        return {
-            "sparse_kl_weight": self.current,
-            "sparse_kl": float(module.kl()),
-            "sparsity": module.sparsity(),
-        }
+        return {"sparse_kl_weight": self.current, "sparse_kl": float(kl), "sparsity": sparsity}
 
 
 def publish_report(report: dict, out: Path) -> dict:

@@ -384,6 +384,7 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
             unit="batch",
             dynamic_ncols=True,
         )
+        cell = model.decoder.cell
         for step, (images, captions, lengths, _) in enumerate(bar):
             images, captions, lengths = images.to(device), captions.to(device), lengths.to(device)
             with common.autocast(device, cfg.amp):
@@ -391,7 +392,7 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
             loss = model.loss(outputs, captions, lengths)
             total = loss.total
             if sparse is not None:
-                total = total + sparse.loss(model.decoder.cell, epoch, step / max(len(bar), 1))
+                total = total + sparse.loss(cell.kl(), epoch, step / max(len(bar), 1))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)
@@ -432,7 +433,8 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
                 "eval_seconds": time.perf_counter() - started - train_seconds,
             }
             if sparse is not None:
-                record.update(sparse.record(model.decoder.cell))
+                with torch.no_grad():
+                    record.update(sparse.record(cell.kl(), cell.sparsity()))
         score = dist.sum(score)[0]  # the main process's score, on every process
         scheduler.step(score)
         improved = score > best_score

@@ -277,7 +277,7 @@ def _train(cfg, resume, device, dist, out) -> dict:
             kl = model.rnn.last_kl if kl_weight else None
             loss = (nll + kl_weight * kl) / frames if kl is not None else nll / frames
             if sparse is not None:
-                loss = loss + sparse.loss(model.rnn, epoch, step / max(len(mine), 1))
+                loss = loss + sparse.loss(model.sparse_kl(), epoch, step / max(len(mine), 1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)  # after backward()
@@ -308,7 +308,8 @@ def _train(cfg, resume, device, dist, out) -> dict:
             "best": improved,
         }
         if sparse is not None:
-            record.update(sparse.record(model.rnn))
+            with torch.no_grad():
+                record.update(sparse.record(model.sparse_kl(), model.sparsity()))
         if dist.is_main:
             extra = {"metrics": {"valid_nll": val_nll, "epoch": epoch}, "parameters": n_params}
             if improved:

@@ -88,6 +88,11 @@ class PianoRollModel(nn.Module):
             gate=config.gate,
         )
         self.output_dropout = LockedDropout(config.dropout)
+        self.readout_neurons = None
+        if config.sparse:  # sparse VD on the read-out's inputs: top-layer units can die
+            from bbservice.sparse import SparseNeurons
+
+            self.readout_neurons = SparseNeurons(config.hidden_size)
         self.readout = nn.Linear(config.hidden_size, config.n_keys)
 
     def forward(
@@ -104,6 +109,8 @@ class PianoRollModel(nn.Module):
             frames, state, gate_mode=gate_mode, lengths=lengths, generator=generator
         )
         hidden = self.output_dropout(hidden, time_dim=1)
+        if self.readout_neurons is not None:
+            hidden = self.readout_neurons(hidden)
         return self.readout(hidden), state
 
     @torch.no_grad()
@@ -119,6 +126,20 @@ class PianoRollModel(nn.Module):
     def kl_loss(self) -> Tensor:
         """λ · prior KL of the last forward pass (0 without a prior)."""
         return self.rnn.kl_loss()
+
+    def sparse_kl(self) -> Tensor:
+        """Sparse variational dropout KL of the recurrent layers and the read-out's inputs
+        (unweighted; ``sparse=True`` only)."""
+        if self.readout_neurons is None:
+            raise ConfigError("sparse_kl needs a model built with sparse=True")
+        return self.rnn.kl() + self.readout_neurons.kl()
+
+    @torch.no_grad()
+    def sparsity(self) -> dict[str, float]:
+        """Pruned fraction per level, ``readout`` (its inputs) included (``sparse=True``)."""
+        if self.readout_neurons is None:
+            raise ConfigError("sparsity needs a model built with sparse=True")
+        return {**self.rnn.sparsity(), "readout": self.readout_neurons.sparsity()}
 
     def step(
         self,
@@ -147,6 +168,8 @@ class PianoRollModel(nn.Module):
             hs.append(h_l)
             cs.append(c_l)
             x = h_l
+        if self.readout_neurons is not None:
+            x = self.readout_neurons(x)
         return torch.sigmoid(self.readout(x)), torch.stack(hs), torch.stack(cs)
 
     def zero_state(self, batch: int, device=None) -> State:
