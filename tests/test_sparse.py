@@ -129,6 +129,7 @@ def test_tiny_sparsify_training_run(tmp_path, capsys):
     assert all(np.isfinite(r["valid_nll"]) and r["sparse_kl"] > 0 for r in records)
     report = json.loads((out / "prune_report.json").read_text())
     assert report["gate"] == "lstm" and (out / "best" / "prune_report.json").exists()
+    assert json.loads((out / "summary.json").read_text())["prune"] == report["totals"]
     assert main(["eval", "music", "--checkpoint", str(out)]) == 0
     captured = capsys.readouterr()
     assert "pruning report" in captured.err and "prune" in json.loads(captured.out)

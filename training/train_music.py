@@ -353,8 +353,8 @@ def _train(cfg, resume, device, dist, out) -> dict:
         config = common.load_checkpoint_config(out / "best")
         config["metrics"] = {**config.get("metrics", {}), **summary}
         common.write_json(out / "best" / "config.json", config)
-        common.write_json(out / "summary.json", summary)
         log.info("best epoch %d: valid %.4f, test %s", best_epoch, best_val, summary["test_nll"])
-        if sparse is not None:
+        if sparse is not None:  # the report of best/
             summary["prune"] = publish_report(prune_report(model), out)
+        common.write_json(out / "summary.json", summary)
     return summary
