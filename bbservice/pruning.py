@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,35 @@ from bbservice.errors import ConfigError
 from bbservice.gates import GateConfig, GateOutput, make_gate, tanh
 from bbservice.sparse import SparseGatedLSTM, SparseGatedLSTMCell
 
-# Defaults of the row / column compaction; see prune_to_dense.
-MIN_ROW_SAVING = 0.5
-MIN_COLUMN_SAVING = 0.25
-MIN_GATE_SAVING = 0.5
+
+@dataclass(frozen=True)
+class Compaction:
+    """What a pruned cell takes out of its graph, as fractions of a layer (0: always).
+
+    A saving below its minimum stays in the dense products: exact too, and faster than the
+    gathers when there is little to save. The defaults come from ONNX Runtime timings (1
+    thread, batch 16, JSB lstm H = 200): taking a third of the rows out through a concat +
+    gather was ~1.5× *slower* than keeping the zero rows.
+
+    min_row_saving : constant pre-activation rows leave the matrix products from this fraction
+        of the layer's rows on (a concat and a gather put them back).
+    min_column_saving : unused input / recurrent columns are gathered away from this fraction
+        of the columns on.
+    min_gate_saving : units whose every gate block is constant get precomputed mean gates from
+        this fraction of the units on (or when all of them are).
+    """
+
+    min_row_saving: float = 0.5
+    min_column_saving: float = 0.25
+    min_gate_saving: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 def _optional_index(index: Tensor, size: int) -> Tensor | None:
@@ -188,18 +213,15 @@ def prune_cell(
     cell: SparseGatedLSTMCell,
     kept: Tensor | None = None,
     prev_kept: Tensor | None = None,
-    *,
-    min_row_saving: float = MIN_ROW_SAVING,
-    min_column_saving: float = MIN_COLUMN_SAVING,
-    min_gate_saving: float = MIN_GATE_SAVING,
+    compaction: Compaction | None = None,
 ) -> PrunedCell:
     """The :class:`PrunedCell` of one sparse cell (on the CPU, mean θ, pruned entries zeroed).
 
     ``kept``: the hidden units to keep (default: all); ``prev_kept``: the input features the
-    previous layer still produces (default: all). See :func:`prune_to_dense` for the savings;
-    units whose every gate block is constant get precomputed mean gates where they are at
-    least ``min_gate_saving`` of the units (or all of them).
+    previous layer still produces (default: all); ``compaction``: what is taken out of the
+    products (:class:`Compaction`).
     """
+    compact = compaction or Compaction()
     hid, nb = cell.hidden_size, cell.n_blocks
     w, u = (t.detach().cpu() for t in cell.effective_weights())
     b = cell.bias.detach().cpu() if cell.bias is not None else w.new_zeros(w.shape[0])
@@ -211,15 +233,15 @@ def prune_cell(
     active = (w != 0).any(1) | (u != 0).any(1)
     n_gate, width = cell.gate.n_blocks, int(k.numel())
     gate_units = (~active[: n_gate * width]).view(n_gate, width).all(0)
-    if float(gate_units.float().mean()) < min_gate_saving and not bool(gate_units.all()):
+    if float(gate_units.float().mean()) < compact.min_gate_saving and not bool(gate_units.all()):
         gate_units = None
-    if float((~active).float().mean()) < min_row_saving or bool(active.all()):
+    if float((~active).float().mean()) < compact.min_row_saving or bool(active.all()):
         active = torch.ones_like(active)
     in_cols = (w[active] != 0).any(0).nonzero().squeeze(1)
     rec_cols = (u[active] != 0).any(0).nonzero().squeeze(1)
-    if in_cols.numel() > (1.0 - min_column_saving) * w.shape[1]:
+    if in_cols.numel() > (1.0 - compact.min_column_saving) * w.shape[1]:
         in_cols = torch.arange(w.shape[1])
-    if rec_cols.numel() > (1.0 - min_column_saving) * u.shape[1]:
+    if rec_cols.numel() > (1.0 - compact.min_column_saving) * u.shape[1]:
         rec_cols = torch.arange(u.shape[1])
     return PrunedCell(
         cell.config,
@@ -347,22 +369,11 @@ def live_units(model) -> list[Tensor]:
 
 
 @torch.no_grad()
-def prune_to_dense(
-    model,
-    *,
-    min_row_saving: float = MIN_ROW_SAVING,
-    min_column_saving: float = MIN_COLUMN_SAVING,
-    min_gate_saving: float = MIN_GATE_SAVING,
-) -> PrunedPianoRollModel:
+def prune_to_dense(model, compaction: Compaction | None = None) -> PrunedPianoRollModel:
     """The smaller dense equivalent of a sparse piano-roll model, on the CPU.
 
-    Hidden units that cannot reach the read-out are always dropped. Constant rows of z are
-    taken out of the matrix products (a concat and a gather put them back) only where they are
-    at least ``min_row_saving`` of a layer's rows; unused input / recurrent columns are gathered
-    away only where they are at least ``min_column_saving`` of the columns (below that, the zero
-    rows and columns stay in the dense products, which is exact too and avoids the gathers).
-    The defaults come from ONNX Runtime timings (1 thread, batch 16, JSB lstm H = 200): taking a
-    third of the rows out through the concat + gather was ~1.5× *slower* than the zero rows.
+    Hidden units that cannot reach the read-out are always dropped; constant rows, unused
+    columns and constant gates are taken out as ``compaction`` (:class:`Compaction`) says.
     """
     if not isinstance(getattr(model, "rnn", None), SparseGatedLSTM):
         raise ConfigError("prune_to_dense needs a model with a SparseGatedLSTM (sparse=True)")
@@ -373,16 +384,7 @@ def prune_to_dense(
     kept = [m.nonzero().squeeze(1) for m in live_units(model)]
     cells, prev_kept = [], None
     for layer, cell in enumerate(model.rnn.cells):
-        cells.append(
-            prune_cell(
-                cell,
-                kept[layer],
-                prev_kept,
-                min_row_saving=min_row_saving,
-                min_column_saving=min_column_saving,
-                min_gate_saving=min_gate_saving,
-            )
-        )
+        cells.append(prune_cell(cell, kept[layer], prev_kept, compaction))
         prev_kept = kept[layer]
     readout = nn.Linear(int(kept[-1].numel()), model.readout.out_features)
     readout.weight.copy_(readout_weight(model)[:, kept[-1]])
@@ -418,17 +420,22 @@ def compare_pruned(
     return diff
 
 
-def _compaction(rows: float, columns: float, gates: float) -> dict:
-    return {"min_row_saving": rows, "min_column_saving": columns, "min_gate_saving": gates}
-
-
-def _source_record(model, config: dict) -> dict:
-    """What identifies the sparse model a pruned export came from: its config and content
-    hash (as its checkpoint's ``config.json`` gives them). The service accepts that checkpoint
-    for ``mode=stochastic``, where the gates are sampled in PyTorch."""
+def _pruned_record(
+    model, config: dict, compaction: Compaction, report: dict, check: dict[str, float]
+) -> dict:
+    """``config["pruned"]`` of an export: the sparse source model's config and content hash
+    (as its checkpoint's ``config.json`` gives them: the service accepts that checkpoint for
+    ``mode=stochastic``, where the gates are sampled in PyTorch), the compaction, the report's
+    totals and the largest differences against the sparse model."""
     from export.onnx_export import content_hash
 
-    return {"source_model": config["model"], "source_content_hash": content_hash(model, config)}
+    return {
+        "source_model": config["model"],
+        "source_content_hash": content_hash(model, config),
+        "compaction": compaction.to_dict(),
+        "totals": report["totals"],
+        "max_abs_diff_vs_sparse": check,
+    }
 
 
 def export_pruned_music(
@@ -437,9 +444,7 @@ def export_pruned_music(
     *,
     config: dict | None = None,
     tolerance: float = 1e-4,
-    min_row_saving: float = MIN_ROW_SAVING,
-    min_column_saving: float = MIN_COLUMN_SAVING,
-    min_gate_saving: float = MIN_GATE_SAVING,
+    compaction: Compaction | None = None,
     **kwargs,
 ):
     """Prune a sparse piano-roll model to dense, check it against the sparse model (max abs
@@ -454,25 +459,18 @@ def export_pruned_music(
     from export.verify import VerificationError
     from training.prune_report import prune_report
 
-    dense = prune_to_dense(
-        model,
-        min_row_saving=min_row_saving,
-        min_column_saving=min_column_saving,
-        min_gate_saving=min_gate_saving,
-    )
+    compaction = compaction or Compaction()
+    dense = prune_to_dense(model, compaction)
     check = compare_pruned(model, dense)
     if max(check.values()) > tolerance:
         raise VerificationError(f"pruned dense model differs from the sparse model: {check}")
     config = dict(config or {"kind": "music", "model": model.config.to_dict()})
-    source = _source_record(model, config)
+    record = _pruned_record(model, config, compaction, prune_report(model), check)
     config["model"] = {**config["model"], "hidden_size": dense.config.hidden_size}
     config["pruned"] = {
-        **source,
+        **record,
         "widths": dense.widths,
-        "compaction": _compaction(min_row_saving, min_column_saving, min_gate_saving),
         "source_hidden_size": model.config.hidden_size,
-        "totals": prune_report(model)["totals"],
-        "max_abs_diff_vs_sparse": check,
     }
     kwargs["checkpoint"] = False  # the dense module is no PianoRollModel checkpoint
     return export_music(dense, out, config=config, tolerance=tolerance, **kwargs)
@@ -496,13 +494,7 @@ def dense_parameter_count(model) -> int:
 
 
 @torch.no_grad()
-def prune_caption(
-    model,
-    *,
-    min_row_saving: float = MIN_ROW_SAVING,
-    min_column_saving: float = MIN_COLUMN_SAVING,
-    min_gate_saving: float = MIN_GATE_SAVING,
-):
+def prune_caption(model, compaction: Compaction | None = None):
     """A CPU copy of a sparse :class:`~bbservice.models.caption.CaptionModel` whose decoder
     cell is the :class:`PrunedCell` (constant rows out, unused embedding / context columns
     and recurrent columns gathered away). The encoder, attention, β and output layer are
@@ -511,12 +503,7 @@ def prune_caption(
     if not isinstance(cell, SparseGatedLSTMCell):
         raise ConfigError("prune_caption needs a caption model trained with sparse=True")
     pruned = copy.deepcopy(model).cpu().eval()
-    pruned.decoder.cell = prune_cell(
-        pruned.decoder.cell,
-        min_row_saving=min_row_saving,
-        min_column_saving=min_column_saving,
-        min_gate_saving=min_gate_saving,
-    )
+    pruned.decoder.cell = prune_cell(pruned.decoder.cell, compaction=compaction)
     dense_config = replace(model.config, sparse=False)
     pruned.config = pruned.decoder.config = dense_config
     return pruned
@@ -572,9 +559,7 @@ def export_pruned_caption(
     *,
     config: dict | None = None,
     tolerance: float = 1e-4,
-    min_row_saving: float = MIN_ROW_SAVING,
-    min_column_saving: float = MIN_COLUMN_SAVING,
-    min_gate_saving: float = MIN_GATE_SAVING,
+    compaction: Compaction | None = None,
     **kwargs,
 ):
     """:func:`prune_caption`, check it against the sparse model (max abs difference <=
@@ -589,27 +574,19 @@ def export_pruned_caption(
     from export.verify import VerificationError
     from training.prune_report import caption_prune_report
 
-    pruned = prune_caption(
-        model,
-        min_row_saving=min_row_saving,
-        min_column_saving=min_column_saving,
-        min_gate_saving=min_gate_saving,
-    )
+    compaction = compaction or Compaction()
+    pruned = prune_caption(model, compaction)
     check = compare_pruned_caption(model, pruned)
     if max(check.values()) > tolerance:
         raise VerificationError(f"pruned caption model differs from the sparse model: {check}")
     config = dict(config or {"kind": "caption", "model": model.config.to_dict()})
-    config["pruned"] = {
-        **_source_record(model, config),
-        "compaction": _compaction(min_row_saving, min_column_saving, min_gate_saving),
-        "totals": caption_prune_report(model)["totals"],
-        "max_abs_diff_vs_sparse": check,
-    }
+    config["pruned"] = _pruned_record(model, config, compaction, caption_prune_report(model), check)
     kwargs["checkpoint"] = False
     return export_caption(pruned, out, config=config, tolerance=tolerance, **kwargs)
 
 
 __all__ = [
+    "Compaction",
     "PrunedCell",
     "PrunedPianoRollModel",
     "compare_pruned",

@@ -48,18 +48,20 @@ def _common(parser: argparse.ArgumentParser, kind: str) -> None:
         choices=("cpu", "cuda", "auto"),
         help="ONNX Runtime device of the verification (default cpu)",
     )
-    from bbservice.pruning import MIN_COLUMN_SAVING, MIN_GATE_SAVING, MIN_ROW_SAVING
+    from bbservice.pruning import Compaction
 
+    defaults = Compaction()
     pruning = parser.add_argument_group(
         "pruning (checkpoints trained with --sparsify)",
-        "what the pruned graph compacts; a saving below its minimum stays in the dense products "
-        "(exact too, and faster than the gathers when there is little to save)",
+        "what the pruned graph takes out of the matrix products; a saving below its minimum "
+        "stays in the dense products (exact too, and faster than the gathers when small)",
     )
-    for name, default, what in (
-        ("row", MIN_ROW_SAVING, "constant pre-activation rows out of the matrix products"),
-        ("column", MIN_COLUMN_SAVING, "unused input and recurrent columns gathered away"),
-        ("gate", MIN_GATE_SAVING, "mean gates of constant-gate units precomputed"),
+    for name, what in (
+        ("row", "constant pre-activation rows out of the matrix products"),
+        ("column", "unused input and recurrent columns gathered away"),
+        ("gate", "mean gates of constant-gate units precomputed"),
     ):
+        default = getattr(defaults, f"min_{name}_saving")
         pruning.add_argument(
             f"--min-{name}-saving",
             type=float,
@@ -69,16 +71,10 @@ def _common(parser: argparse.ArgumentParser, kind: str) -> None:
         )
 
 
-def _pruning_options(args: argparse.Namespace) -> dict:
-    options = {
-        "min_row_saving": args.min_row_saving,
-        "min_column_saving": args.min_column_saving,
-        "min_gate_saving": args.min_gate_saving,
-    }
-    for key, value in options.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{key.replace('_', '-')} must be in [0, 1], got {value}")
-    return options
+def _compaction(args: argparse.Namespace):
+    from bbservice.pruning import Compaction
+
+    return Compaction(args.min_row_saving, args.min_column_saving, args.min_gate_saving)
 
 
 def add_music_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +141,7 @@ def run_music(args: argparse.Namespace) -> int:
     if getattr(model.config, "sparse", False):  # the smaller dense graph of the pruned model
         from bbservice.pruning import export_pruned_music as exporter
 
-        extra = _pruning_options(args)
+        extra = {"compaction": _compaction(args)}
     result = exporter(
         model,
         args.out,
@@ -183,7 +179,7 @@ def run_caption(args: argparse.Namespace) -> int:
     if model.config.sparse:  # the pruned decoder cell
         from bbservice.pruning import export_pruned_caption as exporter
 
-        extra = _pruning_options(args)
+        extra = {"compaction": _compaction(args)}
     result = exporter(
         model,
         args.out,

@@ -24,6 +24,7 @@ from bbservice.errors import ConfigError
 from bbservice.models.caption import END_ID, START_ID, CaptionModel, TorchCaptionStepper
 from bbservice.models.music import PianoRollModel, count_parameters
 from bbservice.pruning import (
+    Compaction,
     compare_pruned,
     compare_pruned_caption,
     decoder_parameter_count,
@@ -45,7 +46,7 @@ def test_forced_constant_gate_is_constant_in_the_onnx_graph(family, tmp_path):
     n_gate = cell.gate.n_blocks
     with torch.no_grad():  # every gate block of `unit` pruned: i and f constant
         cell.log_sigma2_z[[j * H + unit for j in range(n_gate)]] = BIG
-    dense = prune_to_dense(model, min_row_saving=0.0)  # take even 1 constant row out
+    dense = prune_to_dense(model, Compaction(min_row_saving=0.0))  # even 1 constant row out
     pcell = dense.rnn.cells[0]
     assert pcell.weight_ih.shape[0] == (n_gate + 2) * H - n_gate  # constant rows dropped
 
@@ -82,7 +83,7 @@ def test_forced_constant_gate_is_constant_in_the_onnx_graph(family, tmp_path):
 def test_pruned_dense_model_matches_and_is_smaller(family, saving):
     model = sparse_model(family)
     prune_some(model)
-    dense = prune_to_dense(model, min_row_saving=saving, min_column_saving=saving)
+    dense = prune_to_dense(model, Compaction(saving, saving))
     assert dense.widths == [H - 1, H]  # the dead unit is gone from h and c
     diff = compare_pruned(model, dense, steps=16)
     assert max(diff.values()) < 1e-5
@@ -96,7 +97,7 @@ def test_pruned_export_matches_the_sparse_model_on_ort(tmp_path):
     model = sparse_model("bbeta5", seed=1)
     prune_some(model, seed=1)
     result = export_pruned_music(
-        model, tmp_path / "export", store=False, min_row_saving=0.0, min_column_saving=0.0
+        model, tmp_path / "export", store=False, compaction=Compaction(0.0, 0.0)
     )
     manifest = result.manifest
     assert manifest["verification"]["passed"]
@@ -141,7 +142,7 @@ def sparse_caption(family: str, seed: int = 0) -> CaptionModel:
 @pytest.mark.parametrize("family", ["lstm", "bbeta5"])
 def test_pruned_caption_model_matches_and_decodes_the_same(family):
     model = sparse_caption(family)
-    pruned = prune_caption(model, min_row_saving=0.0, min_column_saving=0.0)
+    pruned = prune_caption(model, Compaction(0.0, 0.0))
     pcell, cell = pruned.decoder.cell, model.decoder.cell
     assert pcell.n_const >= cell.n_blocks and pcell.n_active + pcell.n_const == cell.n_blocks * H
     assert not set(range(10, 40)) & set(pcell.in_index.tolist())
@@ -167,7 +168,7 @@ def test_pruned_caption_model_matches_and_decodes_the_same(family):
 def test_pruned_caption_export_has_constant_gates_and_matches(tmp_path):
     model = sparse_caption("bbeta5", seed=2)
     result = export_pruned_caption(
-        model, tmp_path / "export", store=False, min_row_saving=0.0, min_column_saving=0.0
+        model, tmp_path / "export", store=False, compaction=Compaction(0.0, 0.0)
     )
     manifest = result.manifest
     assert manifest["verification"]["passed"] and "pruned" in manifest["config"]
