@@ -67,6 +67,15 @@ def _optional_index(index: Tensor, size: int) -> Tensor | None:
     return None if index.numel() == size else index
 
 
+def _restore_order(first: Tensor, rest: Tensor) -> Tensor | None:
+    """The gather index that puts ``cat([x[first], x[rest]])`` back in the original order
+    (``None`` when it already is)."""
+    order = torch.cat([first, rest])
+    perm = torch.empty_like(order)
+    perm[order] = torch.arange(order.numel())
+    return None if bool((perm == torch.arange(perm.numel())).all()) else perm
+
+
 class PrunedCell(nn.Module):
     """A dense cell over the kept units only, with the constant pre-activation rows folded out.
 
@@ -104,11 +113,7 @@ class PrunedCell(nn.Module):
         self.weight_hh = nn.Parameter(u[act_rows].clone())
         self.bias = nn.Parameter(b[act_rows].clone())
         self.register_buffer("constants", b[const_rows].clone())
-        order = torch.cat([act_rows, const_rows])
-        perm = torch.empty_like(order)
-        perm[order] = torch.arange(order.numel())
-        identity = bool((perm == torch.arange(perm.numel())).all())
-        self.register_buffer("perm", None if identity else perm)
+        self.register_buffer("perm", _restore_order(act_rows, const_rows))
         self.register_buffer("in_index", in_index)
         self.register_buffer("rec_index", rec_index)
         self._init_constant_gates(b, constant_gate_units)
@@ -128,10 +133,8 @@ class PrunedCell(nn.Module):
         var_units = (~units).nonzero().squeeze(1)
         self.gate_i, self.gate_f = i[0, const_units].clone(), f[0, const_units].clone()
         if var_units.numel():
-            order = torch.cat([var_units, const_units])
-            perm = torch.empty_like(order)
-            perm[order] = torch.arange(order.numel())
-            self.var_units, self.gate_perm = var_units, perm
+            self.var_units = var_units
+            self.gate_perm = _restore_order(var_units, const_units)
 
     def mean_gates(self, zgate: Tensor) -> GateOutput:
         """Mean gates from the gate blocks ``(B, n·H')``, constant units not recomputed."""
@@ -143,8 +146,10 @@ class PrunedCell(nn.Module):
         n = self.gate.n_blocks
         zvar = zgate.view(batch, n, self.hidden_size).index_select(2, self.var_units)
         i, f, _ = self.gate.mean(zvar.reshape(batch, -1))
-        i = torch.cat([i, self.gate_i.expand(batch, -1)], 1).index_select(1, self.gate_perm)
-        f = torch.cat([f, self.gate_f.expand(batch, -1)], 1).index_select(1, self.gate_perm)
+        i = torch.cat([i, self.gate_i.expand(batch, -1)], 1)
+        f = torch.cat([f, self.gate_f.expand(batch, -1)], 1)
+        if self.gate_perm is not None:  # None: the constant units are the last ones already
+            i, f = i.index_select(1, self.gate_perm), f.index_select(1, self.gate_perm)
         return GateOutput(i, f, None)
 
     def preactivation(self, x: Tensor, h: Tensor) -> Tensor:
