@@ -8,14 +8,15 @@ layer's effective weights (``SparseGatedLSTMCell.effective_weights``) then have:
 * unused columns: pruned input features and hidden-unit variables;
 * dead hidden units (music only): units whose h no longer reaches the read-out.
 
-:func:`prune_cell` builds one :class:`PrunedCell` from a sparse cell: constant rows are taken
-out of the matrix products and become a constant buffer, unused columns are gathered away,
-dead units are dropped. :func:`prune_to_dense` does it for a piano-roll model
-(:class:`PrunedPianoRollModel`, layers of their own widths), :func:`prune_caption` for a caption
-model (the decoder's cell is replaced; h and c keep all H units, since the attention, β and
-the output layer read every unit). The ``export_pruned_*`` functions check the pruned model
-against the sparse one and export it through :mod:`export.onnx_export`, whose verification then
-runs against the pruned model.
+:func:`prune_cell` builds one :class:`PrunedCell` from a sparse cell: units whose gates are all
+constant get precomputed mean gates and their gate rows leave the matrix products (no gate math
+runs for them), unused columns are gathered away, dead units are dropped.
+:func:`prune_to_dense` does it for a piano-roll model (:class:`PrunedPianoRollModel`, layers of
+their own widths, units with constant gates placed last), :func:`prune_caption` for a caption
+model (the decoder's cell is replaced; h and c keep all H units in their order, since the
+attention, β and the output layer read every unit). The ``export_pruned_*`` functions check
+the pruned model against the sparse one and export it through :mod:`export.onnx_export`, whose
+verification then runs against the pruned model.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bbservice.errors import ConfigError
-from bbservice.gates import GateConfig, GateOutput, make_gate, tanh
+from bbservice.gates import BETA_FAMILIES, GateConfig, GateOutput, make_gate, tanh
 from bbservice.sparse import SparseGatedLSTM, SparseGatedLSTMCell
 
 
@@ -38,28 +39,32 @@ class Compaction:
     """What a pruned cell takes out of its graph, as fractions of a layer (0: always).
 
     A saving below its minimum stays in the dense products: exact too, and faster than the
-    gathers when there is little to save. The defaults come from ONNX Runtime timings (1
-    thread, batch 16, JSB lstm H = 200): taking a third of the rows out through a concat +
-    gather was ~1.5× *slower* than keeping the zero rows.
+    extra gathers when there is little to save (ONNX Runtime timings on JSB, 1 thread).
 
-    min_row_saving : constant pre-activation rows leave the matrix products from this fraction
-        of the layer's rows on (a concat and a gather put them back).
     min_column_saving : unused input / recurrent columns are gathered away from this fraction
         of the columns on.
-    min_gate_saving : units whose every gate block is constant get precomputed mean gates from
-        this fraction of the units on (or when all of them are).
+    min_gate_saving : units whose every gate block is constant get precomputed mean gates, and
+        their gate rows leave the matrix products, from this fraction of the units on (always
+        when all of them are). ``None``: 0.5 for the Beta families, whose gate math is the
+        expensive part of a step, and 1.0 (all units only) for the sigmoid ones, where an
+        extra concat costs about what the gates do.
     """
 
-    min_row_saving: float = 0.5
     min_column_saving: float = 0.25
-    min_gate_saving: float = 0.5
+    min_gate_saving: float | None = None
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not 0.0 <= value <= 1.0:
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
 
-    def to_dict(self) -> dict[str, float]:
+    def gate_saving(self, family: str) -> float:
+        """The effective ``min_gate_saving`` for a gate family."""
+        if self.min_gate_saving is not None:
+            return self.min_gate_saving
+        return 0.5 if family in BETA_FAMILIES else 1.0
+
+    def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
 
 
@@ -77,100 +82,95 @@ def _restore_order(first: Tensor, rest: Tensor) -> Tensor | None:
 
 
 class PrunedCell(nn.Module):
-    """A dense cell over the kept units only, with the constant pre-activation rows folded out.
+    """A dense cell over the kept units, without the rows of its constant gates.
 
-    ``step(x, h, c)``: ``x`` ``(B, D_full)`` (the previous layer's kept units, the frame, or the
-    decoder's input), ``h``, ``c`` ``(B, H')`` → ``(h, c)`` ``(B, H')``. Active rows of z come
-    from one matrix product each over the used input columns / hidden columns; constant rows
-    are the bias. ``gate_mode="sample"`` samples the gates as the dense cell does (PyTorch
-    only; the exported graph is the mean-gate one).
+    Units whose every gate block is constant (``const_units``) have mean gates ``i``, ``f``
+    that do not depend on the input: they are precomputed (``gate_i``, ``gate_f``) and the
+    gate rows of those units are not computed at all. The affine map computes, in this order::
 
-    It also has the dense cell's step interface (``input_projection``, ``recurrent_matmuls``,
+        z = [gate blocks of the other units (n·V) | g (H') | o (H')] = x Wᵀ + h Uᵀ + b
+
+    over the used input columns (``in_index``) and hidden columns (``rec_index``). Constant g or
+    o rows stay in the product (zero weights: exact). ``gate_perm`` puts ``[i_var, i_const]``
+    back in unit order (``None`` when the constant units are already the last ones, as
+    :func:`prune_to_dense` arranges).
+
+    ``step(x, h, c)``: ``x`` ``(B, D)``, ``h``, ``c`` ``(B, H')`` → ``(h, c)``.
+    ``gate_mode="sample"`` samples the gates as the dense cell does (PyTorch only: a constant
+    Beta parameter still gives a random gate; the exported graph is the mean-gate one). It
+    also has the dense cell's step interface (``input_projection``, ``recurrent_matmuls``,
     ``recurrent_step``), so it can stand in for the caption decoder's cell.
     """
 
     def __init__(
         self,
         gate: GateConfig,
-        hidden: int,
         w: Tensor,
         u: Tensor,
         b: Tensor,
-        active: Tensor,
+        const_units: Tensor,
         in_index: Tensor | None,
         rec_index: Tensor | None,
-        constant_gate_units: Tensor | None = None,
     ) -> None:
+        """``w``, ``u``, ``b``: the effective weights of the kept units in block order
+        ``(k·H', D)``, ``(k·H', H')``, ``(k·H',)``, used columns already selected;
+        ``const_units``: bool ``(H',)``, the units whose gates are precomputed."""
         super().__init__()
         self.config = replace(gate, kl_weight=0.0)  # an inference cell: no prior term
         self.gate = make_gate(self.config)
-        self.hidden_size = hidden
-        self.n_rows = b.numel()
-        act_rows = active.nonzero().squeeze(1)
-        const_rows = (~active).nonzero().squeeze(1)
-        self.n_active, self.n_const = act_rows.numel(), const_rows.numel()
-        self.weight_ih = nn.Parameter(w[act_rows].clone())
-        self.weight_hh = nn.Parameter(u[act_rows].clone())
-        self.bias = nn.Parameter(b[act_rows].clone())
-        self.register_buffer("constants", b[const_rows].clone())
-        self.register_buffer("perm", _restore_order(act_rows, const_rows))
+        n = self.gate.n_blocks
+        self.hidden_size = hs = int(const_units.numel())
+        var = (~const_units).nonzero().squeeze(1)
+        const = const_units.nonzero().squeeze(1)
+        self.n_var, self.n_constant_gates = int(var.numel()), int(const.numel())
+        block = torch.arange(n).unsqueeze(1) * hs
+        rows = torch.cat([(block + var).reshape(-1), torch.arange(n * hs, (n + 2) * hs)])
+        self.weight_ih = nn.Parameter(w[rows].clone())
+        self.weight_hh = nn.Parameter(u[rows].clone())
+        self.bias = nn.Parameter(b[rows].clone())
+        mean = self.gate.mean(b[: n * hs].unsqueeze(0))
+        self.register_buffer("gate_i", mean.i[0, const].clone())
+        self.register_buffer("gate_f", mean.f[0, const].clone())
+        self.register_buffer("const_gate_bias", b[: n * hs].view(n, hs)[:, const].clone())
+        self.register_buffer("gate_perm", _restore_order(var, const))
         self.register_buffer("in_index", in_index)
         self.register_buffer("rec_index", rec_index)
-        self._init_constant_gates(b, constant_gate_units)
-
-    def _init_constant_gates(self, b: Tensor, units: Tensor | None) -> None:
-        """Units whose every gate block is constant get their mean gates ``i``, ``f`` ``(H',)``
-        precomputed: with mean gates no gate math runs for them (none at all when every unit
-        of the layer is constant)."""
-        hs, n = self.hidden_size, self.gate.n_blocks
-        self.n_constant_gates = 0 if units is None else int(units.sum())
-        for name in ("gate_i", "gate_f", "var_units", "gate_perm"):
-            self.register_buffer(name, None)
-        if not self.n_constant_gates:
-            return
-        i, f, _ = self.gate.mean(b[: n * hs].unsqueeze(0))
-        const_units = units.nonzero().squeeze(1)
-        var_units = (~units).nonzero().squeeze(1)
-        self.gate_i, self.gate_f = i[0, const_units].clone(), f[0, const_units].clone()
-        if var_units.numel():
-            self.var_units = var_units
-            self.gate_perm = _restore_order(var_units, const_units)
-
-    def mean_gates(self, zgate: Tensor) -> GateOutput:
-        """Mean gates from the gate blocks ``(B, n·H')``, constant units not recomputed."""
-        if not self.n_constant_gates:
-            return self.gate.mean(zgate)
-        batch = zgate.shape[0]
-        if self.var_units is None:  # every unit constant: no gate math at all
-            return GateOutput(self.gate_i.expand(batch, -1), self.gate_f.expand(batch, -1), None)
-        n = self.gate.n_blocks
-        zvar = zgate.view(batch, n, self.hidden_size).index_select(2, self.var_units)
-        i, f, _ = self.gate.mean(zvar.reshape(batch, -1))
-        i = torch.cat([i, self.gate_i.expand(batch, -1)], 1)
-        f = torch.cat([f, self.gate_f.expand(batch, -1)], 1)
-        if self.gate_perm is not None:  # None: the constant units are the last ones already
-            i, f = i.index_select(1, self.gate_perm), f.index_select(1, self.gate_perm)
-        return GateOutput(i, f, None)
 
     def preactivation(self, x: Tensor, h: Tensor) -> Tensor:
-        """Full ``z`` ``(B, k·H')`` in block order."""
-        parts = []
-        if self.n_active:
-            xi = x if self.in_index is None else x.index_select(1, self.in_index)
-            hi = h if self.rec_index is None else h.index_select(1, self.rec_index)
-            za = F.linear(xi, self.weight_ih, self.bias)
-            if hi.shape[1]:
-                za = za + F.linear(hi, self.weight_hh)
-            parts.append(za)
-        if self.n_const:
-            parts.append(self.constants.unsqueeze(0).expand(x.shape[0], -1))
-        z = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        return z if self.perm is None else z.index_select(1, self.perm)
+        """``(B, n·V + 2·H')``: the computed rows of z (see the class docstring)."""
+        xi = x if self.in_index is None else x.index_select(1, self.in_index)
+        hi = h if self.rec_index is None else h.index_select(1, self.rec_index)
+        z = F.linear(xi, self.weight_ih, self.bias)
+        return z + F.linear(hi, self.weight_hh) if hi.shape[1] else z
+
+    def _unit_order(self, var: Tensor, const: Tensor) -> Tensor:
+        """``cat([var, const], 1)`` in unit order (``(B, V)``, ``(B, C)`` → ``(B, H')``)."""
+        out = var if not self.n_constant_gates else torch.cat([var, const], 1)
+        return out if self.gate_perm is None else out.index_select(1, self.gate_perm)
+
+    def _gates(self, zgate: Tensor, gate_mode: str, noise, generator) -> GateOutput:
+        batch, n = zgate.shape[0], self.gate.n_blocks
+        if gate_mode == "mean" or not self.gate.stochastic:
+            if not self.n_var:  # every unit constant: no gate math at all
+                return GateOutput(
+                    self.gate_i.expand(batch, -1), self.gate_f.expand(batch, -1), None
+                )
+            i, f, _ = self.gate.mean(zgate)
+            i = self._unit_order(i, self.gate_i.expand(batch, -1))
+            f = self._unit_order(f, self.gate_f.expand(batch, -1))
+            return GateOutput(i, f, None)
+        # sampled: rebuild every unit's gate pre-activations (constant ones are the bias)
+        zvar = zgate.view(batch, n, self.n_var)
+        zconst = self.const_gate_bias.unsqueeze(0).expand(batch, -1, -1)
+        full = torch.cat([zvar, zconst], 2)
+        if self.gate_perm is not None:
+            full = full.index_select(2, self.gate_perm)
+        return self.gate(full.reshape(batch, -1), gate_mode, noise, generator)
 
     def gates(self, x: Tensor, h: Tensor) -> GateOutput:
         """Mean gates ``(i, f, alpha)`` of one step (for tests and inspection)."""
         z = self.preactivation(x, h)
-        return self.mean_gates(z[:, : self.gate.n_blocks * self.hidden_size])
+        return self._gates(z[:, : self.gate.n_blocks * self.n_var], "mean", None, None)
 
     def step_with_gates(
         self, x: Tensor, h: Tensor, c: Tensor, gate_mode: str = "mean", noise=None, generator=None
@@ -178,10 +178,7 @@ class PrunedCell(nn.Module):
         z = self.preactivation(x, h)
         hs = self.hidden_size
         zgate, zg, zo = z.split([z.shape[1] - 2 * hs, hs, hs], dim=1)
-        if gate_mode == "mean" or not self.gate.stochastic:
-            gates = self.mean_gates(zgate)
-        else:  # sampled: a constant α still gives a random Beta gate
-            gates = self.gate(zgate, gate_mode, noise, generator)
+        gates = self._gates(zgate, gate_mode, noise, generator)
         c = gates.f * c + gates.i * tanh(zg)
         h = torch.sigmoid(zo) * tanh(c)
         return h, c, gates
@@ -213,6 +210,18 @@ def _unit_rows(n_blocks: int, hidden: int, kept: Tensor) -> Tensor:
     return (torch.arange(n_blocks).unsqueeze(1) * hidden + kept.unsqueeze(0)).reshape(-1)
 
 
+def constant_rows(cell: SparseGatedLSTMCell) -> Tensor:
+    """Bool ``(k·H,)``: rows of z that are the bias for every input."""
+    w, u = cell.effective_weights()
+    return ~((w != 0).any(1) | (u != 0).any(1))
+
+
+def constant_gate_units(cell: SparseGatedLSTMCell) -> Tensor:
+    """Bool ``(H,)``: units whose every gate block is a constant row (their i and f are)."""
+    n, hs = cell.gate.n_blocks, cell.hidden_size
+    return constant_rows(cell)[: n * hs].view(n, hs).all(0)
+
+
 @torch.no_grad()
 def prune_cell(
     cell: SparseGatedLSTMCell,
@@ -222,49 +231,41 @@ def prune_cell(
 ) -> PrunedCell:
     """The :class:`PrunedCell` of one sparse cell (on the CPU, mean θ, pruned entries zeroed).
 
-    ``kept``: the hidden units to keep (default: all); ``prev_kept``: the input features the
-    previous layer still produces (default: all); ``compaction``: what is taken out of the
-    products (:class:`Compaction`).
+    ``kept``: the hidden units to keep, in the order they get (default: all); ``prev_kept``:
+    the input features the previous layer still produces (default: all); ``compaction``: what
+    is taken out of the products (:class:`Compaction`).
     """
     compact = compaction or Compaction()
     hid, nb = cell.hidden_size, cell.n_blocks
+    k = torch.arange(hid) if kept is None else kept.cpu()
     w, u = (t.detach().cpu() for t in cell.effective_weights())
     b = cell.bias.detach().cpu() if cell.bias is not None else w.new_zeros(w.shape[0])
-    k = torch.arange(hid) if kept is None else kept.cpu()
+    const_units = constant_gate_units(cell).cpu()[k]
+    share = float(const_units.float().mean()) if k.numel() else 0.0
+    if share < compact.gate_saving(cell.config.family) and not bool(const_units.all()):
+        const_units = torch.zeros_like(const_units)
     rows = _unit_rows(nb, hid, k)
     w, u, b = w[rows], u[rows][:, k], b[rows]
     if prev_kept is not None:
         w = w[:, prev_kept.cpu()]
-    active = (w != 0).any(1) | (u != 0).any(1)
     n_gate, width = cell.gate.n_blocks, int(k.numel())
-    gate_units = (~active[: n_gate * width]).view(n_gate, width).all(0)
-    if float(gate_units.float().mean()) < compact.min_gate_saving and not bool(gate_units.all()):
-        gate_units = None
-    if float((~active).float().mean()) < compact.min_row_saving or bool(active.all()):
-        active = torch.ones_like(active)
-    in_cols = (w[active] != 0).any(0).nonzero().squeeze(1)
-    rec_cols = (u[active] != 0).any(0).nonzero().squeeze(1)
+    needed = torch.ones(w.shape[0], dtype=torch.bool)  # the rows the products still compute
+    needed[: n_gate * width] = (~const_units).repeat(n_gate)
+    in_cols = (w[needed] != 0).any(0).nonzero().squeeze(1)
+    rec_cols = (u[needed] != 0).any(0).nonzero().squeeze(1)
     if in_cols.numel() > (1.0 - compact.min_column_saving) * w.shape[1]:
         in_cols = torch.arange(w.shape[1])
     if rec_cols.numel() > (1.0 - compact.min_column_saving) * u.shape[1]:
         rec_cols = torch.arange(u.shape[1])
     return PrunedCell(
         cell.config,
-        int(k.numel()),
         w[:, in_cols],
         u[:, rec_cols],
         b,
-        active,
+        const_units,
         _optional_index(in_cols, w.shape[1]),
         _optional_index(rec_cols, u.shape[1]),
-        gate_units,
     )
-
-
-def constant_rows(cell: SparseGatedLSTMCell) -> Tensor:
-    """Bool ``(k·H,)``: rows of z that are the bias for every input."""
-    w, u = cell.effective_weights()
-    return ~((w != 0).any(1) | (u != 0).any(1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +387,10 @@ def prune_to_dense(model, compaction: Compaction | None = None) -> PrunedPianoRo
         model = copy.deepcopy(model).cpu()
     was_training = model.training
     model.eval()
-    kept = [m.nonzero().squeeze(1) for m in live_units(model)]
+    kept = []  # per layer the live units, those with constant gates last (no gather needed)
+    for live, cell in zip(live_units(model), model.rnn.cells, strict=True):
+        const = constant_gate_units(cell).cpu()
+        kept.append(torch.cat([(live & ~const).nonzero(), (live & const).nonzero()]).squeeze(1))
     cells, prev_kept = [], None
     for layer, cell in enumerate(model.rnn.cells):
         cells.append(prune_cell(cell, kept[layer], prev_kept, compaction))
@@ -596,6 +600,7 @@ __all__ = [
     "PrunedPianoRollModel",
     "compare_pruned",
     "compare_pruned_caption",
+    "constant_gate_units",
     "constant_rows",
     "decoder_parameter_count",
     "dense_parameter_count",

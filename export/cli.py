@@ -48,33 +48,32 @@ def _common(parser: argparse.ArgumentParser, kind: str) -> None:
         choices=("cpu", "cuda", "auto"),
         help="ONNX Runtime device of the verification (default cpu)",
     )
-    from bbservice.pruning import Compaction
-
-    defaults = Compaction()
     pruning = parser.add_argument_group(
         "pruning (checkpoints trained with --sparsify)",
-        "what the pruned graph takes out of the matrix products; a saving below its minimum "
-        "stays in the dense products (exact too, and faster than the gathers when small)",
+        "what the pruned graph takes out of the matrix products; below the minimum, zero "
+        "weights stay in the dense products (exact too, and faster than gathers when few)",
     )
-    for name, what in (
-        ("row", "constant pre-activation rows out of the matrix products"),
-        ("column", "unused input and recurrent columns gathered away"),
-        ("gate", "mean gates of constant-gate units precomputed"),
-    ):
-        default = getattr(defaults, f"min_{name}_saving")
-        pruning.add_argument(
-            f"--min-{name}-saving",
-            type=float,
-            default=default,
-            metavar="FRACTION",
-            help=f"{what} from this fraction of a layer on (default {default:g}; 0: always)",
-        )
+    pruning.add_argument(
+        "--min-column-saving",
+        type=float,
+        default=0.25,
+        metavar="FRACTION",
+        help="gather away unused input / recurrent columns from this fraction on (0.25)",
+    )
+    pruning.add_argument(
+        "--min-gate-saving",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="precompute the gates of constant-gate units from this fraction of a layer's "
+        "units on (default: 0.5 for Beta families, 1 = all units only for sigmoid ones)",
+    )
 
 
 def _compaction(args: argparse.Namespace):
     from bbservice.pruning import Compaction
 
-    return Compaction(args.min_row_saving, args.min_column_saving, args.min_gate_saving)
+    return Compaction(args.min_column_saving, args.min_gate_saving)
 
 
 def add_music_arguments(parser: argparse.ArgumentParser) -> None:

@@ -46,9 +46,12 @@ def test_forced_constant_gate_is_constant_in_the_onnx_graph(family, tmp_path):
     n_gate = cell.gate.n_blocks
     with torch.no_grad():  # every gate block of `unit` pruned: i and f constant
         cell.log_sigma2_z[[j * H + unit for j in range(n_gate)]] = BIG
-    dense = prune_to_dense(model, Compaction(min_row_saving=0.0))  # even 1 constant row out
+    dense = prune_to_dense(model, Compaction(min_gate_saving=0.0))  # even 1 unit
     pcell = dense.rnn.cells[0]
-    assert pcell.weight_ih.shape[0] == (n_gate + 2) * H - n_gate  # constant rows dropped
+    assert pcell.weight_ih.shape[0] == (n_gate + 2) * H - n_gate  # its gate rows are gone
+    kept = dense.kept_units[0].tolist()
+    pos, other = kept.index(unit), kept.index((unit + 1) % H)
+    assert pos == H - 1  # units with constant gates go last
 
     class Probe(torch.nn.Module):
         def __init__(self) -> None:
@@ -71,9 +74,9 @@ def test_forced_constant_gate_is_constant_in_the_onnx_graph(family, tmp_path):
     expect_i, expect_f, _ = cell.gate.mean(b[: n_gate * H].unsqueeze(0))
     if family == "lstm":
         assert np.allclose(expect_i[0, unit], torch.sigmoid(b[unit]))
-    assert np.allclose(i[:, unit], float(expect_i[0, unit]), atol=1e-6)
-    assert np.allclose(f[:, unit], float(expect_f[0, unit]), atol=1e-6)
-    assert np.ptp(i[:, (unit + 1) % H]) > 1e-4  # other units still depend on the input
+    assert np.allclose(i[:, pos], float(expect_i[0, unit]), atol=1e-6)
+    assert np.allclose(f[:, pos], float(expect_f[0, unit]), atol=1e-6)
+    assert np.ptp(i[:, other]) > 1e-4  # other units still depend on the input
     report = prune_report(model)["layers"][0]["constant_gates"]
     assert report["i"]["constant_units"] == [unit] and report["f"]["constant_units"] == [unit]
 
@@ -83,7 +86,7 @@ def test_forced_constant_gate_is_constant_in_the_onnx_graph(family, tmp_path):
 def test_pruned_dense_model_matches_and_is_smaller(family, saving):
     model = sparse_model(family)
     prune_some(model)
-    dense = prune_to_dense(model, Compaction(saving, saving))
+    dense = prune_to_dense(model, Compaction(min_column_saving=saving, min_gate_saving=saving))
     assert dense.widths == [H - 1, H]  # the dead unit is gone from h and c
     diff = compare_pruned(model, dense, steps=16)
     assert max(diff.values()) < 1e-5
@@ -144,7 +147,9 @@ def test_pruned_caption_model_matches_and_decodes_the_same(family):
     model = sparse_caption(family)
     pruned = prune_caption(model, Compaction(0.0, 0.0))
     pcell, cell = pruned.decoder.cell, model.decoder.cell
-    assert pcell.n_const >= cell.n_blocks and pcell.n_active + pcell.n_const == cell.n_blocks * H
+    assert pcell.n_constant_gates >= 1 and pcell.gate_perm is not None  # unit order is kept
+    rows = cell.n_blocks * H - cell.gate.n_blocks * pcell.n_constant_gates
+    assert pcell.weight_ih.shape[0] == rows
     assert not set(range(10, 40)) & set(pcell.in_index.tolist())
     assert 2 not in pcell.rec_index.tolist()
     diff = compare_pruned_caption(model, pruned, steps=10)
@@ -217,8 +222,7 @@ def test_pruned_caption_export_has_constant_gates_and_matches(tmp_path):
 def test_constant_gates_are_precomputed_and_match(family, which, tmp_path):
     model = sparse_model(family, seed=3)
     cell = model.rnn.cells[1]
-    all_units = which == "all"
-    units = {  # half: the default minimum
+    units = {
         "all": list(range(H)),
         "first half": list(range(H // 2)),
         "last half": list(range(H // 2, H)),
@@ -226,24 +230,28 @@ def test_constant_gates_are_precomputed_and_match(family, which, tmp_path):
     with torch.no_grad():
         for j in range(cell.gate.n_blocks):
             cell.log_sigma2_z[[j * H + u for u in units]] = BIG
-    dense = prune_to_dense(model)
+    default = prune_to_dense(model).rnn.cells[1]  # sigmoid gates: only a whole layer by default
+    assert default.n_constant_gates == (len(units) if which == "all" or family == "bbeta5" else 0)
+    dense = prune_to_dense(model, Compaction(min_gate_saving=0.5))
     pcell = dense.rnn.cells[1]
-    assert pcell.n_constant_gates == len(units)
-    assert (pcell.var_units is None) == all_units  # all constant: no gate math left
+    assert pcell.n_constant_gates == len(units) and pcell.gate_perm is None  # placed last
+    assert pcell.n_var == H - len(units)  # all constant: no gate math left
+    assert pcell.weight_ih.shape[0] == (cell.n_blocks * H) - cell.gate.n_blocks * len(units)
     assert dense.rnn.cells[0].n_constant_gates == 0
     assert max(compare_pruned(model, dense, steps=10).values()) < 1e-5
     frame = (torch.rand(4, 88) < 0.2).float()
     h, c = dense.zero_state(4)
+    positions = [dense.kept_units[1].tolist().index(u) for u in units]
     with torch.no_grad():
         i, f, _ = pcell.gates(torch.rand(4, H), torch.rand(4, H))
-        assert torch.allclose(i[:, units], i[:1, units].expand(4, -1))  # constant over inputs
+        assert torch.allclose(i[:, positions], i[:1, positions].expand(4, -1))  # constant
         mean_probs = dense.step(frame, h, c, "mean")[0]
         torch.manual_seed(0)
         sampled = dense.step(frame, h, c, "sample")[0]  # sampled gates still work
     assert sampled.shape == mean_probs.shape and torch.isfinite(sampled).all()
     if cell.gate.stochastic:
         assert not torch.allclose(sampled, mean_probs)
-    if family == "bbeta5" and all_units:
+    if family == "bbeta5" and which == "all":
         result = export_pruned_music(model, tmp_path / "export", store=False)
         assert result.manifest["verification"]["passed"]
 

@@ -145,7 +145,9 @@ def test_export_cli_pruning_options_reach_the_pruned_graph(tmp_path, capsys):
     from safetensors.torch import save_file
 
     model = sparse_model("lstm", seed=2)
-    prune_some(model)  # 3 constant rows of 32 in layer 0: below the default minimum
+    prune_some(model)
+    with torch.no_grad():  # unit 6 of layer 0: constant i and f (lstm default: whole layers)
+        model.rnn.cells[0].log_sigma2_z[[6, H + 6]] = BIG
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -156,13 +158,15 @@ def test_export_cli_pruning_options_reach_the_pruned_graph(tmp_path, capsys):
     for option, out in ((None, "default"), ("0", "all")):
         argv = ["export", "music", str(ckpt), "--out", str(tmp_path / out), "--no-store"]
         if option is not None:
-            argv += ["--min-row-saving", option]
+            argv += ["--min-gate-saving", option]
         assert main(argv) == 0
         manifest = json.loads((tmp_path / out / "manifest.json").read_text())
-        assert manifest["config"]["pruned"]["compaction"]["min_row_saving"] == float(option or 0.5)
+        expected = None if option is None else float(option)
+        assert manifest["config"]["pruned"]["compaction"]["min_gate_saving"] == expected
         graph = onnx.load(str(tmp_path / out / "music_step.onnx")).graph
         rows[out] = {tuple(t.dims)[0] for t in graph.initializer if len(t.dims) == 2}
-    assert 4 * H - 3 in rows["all"] and 4 * H - 3 not in rows["default"]  # rows taken out
+    width = 4 * (H - 1)  # layer 0 lost its dead unit
+    assert width - 2 in rows["all"] and width in rows["default"]  # unit 6's i and f rows out
     capsys.readouterr()
     bad = ["export", "music", str(ckpt), "--out", str(tmp_path / "bad"), "--min-gate-saving", "2"]
     assert main(bad) == 2

@@ -146,9 +146,10 @@ def caption_prune_report(model) -> dict:
     pcell = pruned.decoder.cell
     k = cell.n_blocks
     cell_dense = k * cell.hidden_size * (cell.input_size + cell.hidden_size + 1)
-    cell_pruned = sum(p.numel() for p in pcell.parameters()) + pcell.constants.numel()
+    constants = pcell.gate_i.numel() + pcell.gate_f.numel()  # the precomputed gates
+    cell_pruned = sum(p.numel() for p in pcell.parameters()) + constants
     dense_params = decoder_parameter_count(model)
-    pruned_params = sum(p.numel() for p in pruned.decoder.parameters()) + pcell.constants.numel()
+    pruned_params = sum(p.numel() for p in pruned.decoder.parameters()) + constants
     totals = {
         **_weight_totals([layer]),
         "cell_parameters": cell_dense,
