@@ -5,8 +5,9 @@
 
 Per run: the test metric (music: frame NLL with mean gates, from ``summary.json``; captions:
 greedy BLEU-4 and CIDEr-D on ``test``, from ``eval/NAME_test_b1.json``), what the pruning report
-says remains (``prune_report.json``), and the exported step graph (``exports/NAME``: file size
-and initializer values of ``music_step`` / ``caption_step``). Timings come from
+says remains (``prune_report.json``), and the exported step graph (``exports/NAME``: its
+initializer values, with the ratio against the dense run of the same gate, and file size of
+``music_step`` / ``caption_step``). Timings come from
 ``bench/bench_pruned.py``, which the script runs separately.
 """
 
@@ -35,26 +36,32 @@ def step_graph(export: Path) -> tuple[float, int] | None:
     return path.stat().st_size / 1024, values
 
 
+def _graph_cells(out: Path, name: str, base: str) -> list[str]:
+    graph, dense = step_graph(out / "exports" / name), step_graph(out / "exports" / base)
+    if graph is None:
+        return ["–", "–"]
+    ratio = f" (×{dense[1] / graph[1]:.1f})" if dense and name != base else ""
+    return [f"{graph[1]:,}{ratio}", f"{graph[0]:,.0f} KiB"]
+
+
 def music_row(out: Path, name: str) -> str | None:
     summary = _json(out / name / "summary.json")
     if summary is None:
         return None
     report = _json(out / name / "prune_report.json")
-    graph = step_graph(out / "exports" / name)
+    manifest = _json(out / "exports" / name / "manifest.json") or {}
+    pruned = manifest.get("config", {}).get("pruned")
     cells = [name, f"{summary['test_nll']:.3f}", f"{summary['valid_nll']:.3f}"]
     cells.append(str(summary["best_epoch"]))
     if report:
         t = report["totals"]
-        cells += [
-            f"{t['recurrent_weights_remaining']:,} (×{t['weight_compression']:.0f})",
-            f"{t['pruned_dense_parameters']:,} (×{t['parameter_compression']:.1f})",
-            " / ".join(str(w) for w in t["layer_widths"]),
-            _constant_gates(report),
-        ]
+        cells.append(f"{t['recurrent_weights_remaining']:,} (×{t['weight_compression']:.0f})")
+        cells.append(" / ".join(str(w) for w in pruned["widths"]) if pruned else "–")
+        cells.append(_constant_gates(report))
     else:
-        cells += ["all", "–", "–", "–"]
-    cells.append(f"{graph[0]:,.0f} KiB" if graph else "–")
-    return "| " + " | ".join(cells) + " |"
+        cells += ["all", "–", "–"]
+    base = name.rsplit("_", 1)[0] + "_dense"
+    return "| " + " | ".join(cells + _graph_cells(out, name, base)) + " |"
 
 
 def _constant_gates(report: dict) -> str:
@@ -65,13 +72,12 @@ def _constant_gates(report: dict) -> str:
     )
 
 
-def caption_row(out: Path, name: str) -> str | None:
+def caption_row(out: Path, name: str, base: str) -> str | None:
     evaluation = _json(out / "eval" / f"{name}_test_b1.json")
     summary = _json(out / name / "summary.json")
     if evaluation is None or summary is None:
         return None
     report = _json(out / name / "prune_report.json")
-    graph = step_graph(out / "exports" / name)
     m = evaluation["metrics"]
     cells = [name, f"{m['BLEU-4']:.3f}", f"{m['CIDEr-D']:.3f}", str(summary["best_epoch"])]
     if report:
@@ -79,23 +85,21 @@ def caption_row(out: Path, name: str) -> str | None:
         layer = report["layers"][0]
         cells += [
             f"{t['recurrent_weights_remaining']:,} (×{t['weight_compression']:.0f})",
-            f"{t['pruned_cell_parameters']:,} (×{t['cell_compression']:.1f})",
             f"{layer['preactivations']['constant_rows']}",
             _constant_gates(report),
         ]
     else:
-        cells += ["all", "–", "–", "–"]
-    cells.append(f"{graph[0]:,.0f} KiB" if graph else "–")
-    return "| " + " | ".join(cells) + " |"
+        cells += ["all", "–", "–"]
+    return "| " + " | ".join(cells + _graph_cells(out, name, base)) + " |"
 
 
 def main(out: Path) -> int:
     print("### JSB Chorales\n")
     print(
-        "| run | test NLL | valid NLL | best epoch | recurrent weights left | dense-export "
-        "parameters | layer widths | constant i+f gates per layer | music_step.onnx |"
+        "| run | test NLL | valid NLL | best epoch | recurrent weights left | layer widths | "
+        "constant i+f gates per layer | music_step weights | music_step.onnx |"
     )
-    print("|---|---:|---:|---:|---:|---:|---|---|---:|")
+    print("|---|---:|---:|---:|---:|---|---|---:|---:|")
     names = sorted(p.parent.name for p in out.glob("jsb_*/summary.json"))
     for name in names:
         row = music_row(out, name)
@@ -103,12 +107,12 @@ def main(out: Path) -> int:
             print(row)
     print("\n### Generated caption scenes (test split, greedy)\n")
     print(
-        "| run | BLEU-4 | CIDEr-D | best epoch | cell weights left | pruned cell parameters | "
-        "constant rows | constant i+f gates | caption_step.onnx |"
+        "| run | BLEU-4 | CIDEr-D | best epoch | cell weights left | constant rows | "
+        "constant i+f gates | caption_step weights | caption_step.onnx |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for name in sorted(p.parent.name for p in out.glob("cap_*/summary.json")):
-        row = caption_row(out, name)
+        row = caption_row(out, name, name.rsplit("_", 1)[0] + "_dense")
         if row:
             print(row)
     return 0
