@@ -63,7 +63,7 @@ fi
 $PY bench/results_sparse_table.py "$OUT" | tee "$OUT/table.md"
 for pair in "jsb_lstm_dense jsb_lstm_w0.1 jsb_lstm_w0.3 jsb_lstm_w1" \
             "jsb_bbeta5_dense jsb_bbeta5_w0.1 jsb_bbeta5_w0.3 jsb_bbeta5_w1" \
-            "cap_bbeta5_e20_dense cap_bbeta5_e20_w1 cap_bbeta5_e10_w1"; do
+            "cap_bbeta5_e20_dense cap_bbeta5_e20_w1 cap_bbeta5_e10_w1 cap_lstm_e10_dense cap_lstm_e10_w1"; do
   folders=()
   for name in $pair; do
     [ -f "$OUT/exports/$name/manifest.json" ] && folders+=("$OUT/exports/$name")

@@ -66,7 +66,7 @@ def _common(parser: argparse.ArgumentParser, kind: str) -> None:
         default=None,
         metavar="FRACTION",
         help="precompute the gates of constant-gate units from this fraction of a layer's "
-        "units on (default: 0.5 for Beta families, 1 = all units only for sigmoid ones)",
+        "units on (default: 0.25 for Beta families, 1 = whole layers only for sigmoid ones)",
     )
 
 
