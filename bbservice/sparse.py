@@ -21,6 +21,11 @@ matrix at every step). Evaluation: the means θ with pruned entries zeroed, fold
 effective dense weights, so the rest of :class:`~bbservice.cells.GatedLSTMCell` (and the ONNX
 graph of an unpruned export) runs unchanged.
 
+:class:`SparseNeurons` puts the same kind of variable on any layer's inputs (the music model's
+read-out, so that top-layer units can die too). Step-by-step callers (the caption decoder,
+which projects its input every step) wrap a sequence in :meth:`SparseGatedLSTMCell.sequence_noise`
+so the per-sequence noise is drawn once.
+
 A pruned pre-activation variable makes its row of z the constant ``b``: the gate of that unit is
 ``σ(b)`` (``tanh(b)`` for g; for the Beta families the block's α is ``softplus(b) + eps``) for
 every input. :mod:`bbservice.pruning` turns a trained model into the equivalent smaller dense
