@@ -63,10 +63,10 @@ def _common(parser: argparse.ArgumentParser, kind: str) -> None:
     pruning.add_argument(
         "--min-gate-saving",
         type=float,
-        default=None,
+        default=0.25,
         metavar="FRACTION",
         help="precompute the gates of constant-gate units from this fraction of a layer's "
-        "units on (default: 0.25 for Beta families, 1 = whole layers only for sigmoid ones)",
+        "units on (0.25; 1: whole layers only)",
     )
 
 

@@ -147,7 +147,8 @@ def test_pruned_caption_model_matches_and_decodes_the_same(family):
     model = sparse_caption(family)
     pruned = prune_caption(model, Compaction(0.0, 0.0))
     pcell, cell = pruned.decoder.cell, model.decoder.cell
-    assert pcell.n_constant_gates >= 1 and pcell.gate_perm is not None  # unit order is kept
+    assert pcell.n_constant_gates >= 1 and pcell.gate_perm is None  # constant units last
+    assert CONST_UNIT in pruned.unit_order[-pcell.n_constant_gates :].tolist()
     rows = cell.n_blocks * H - cell.gate.n_blocks * pcell.n_constant_gates
     assert pcell.weight_ih.shape[0] == rows
     assert not set(range(10, 40)) & set(pcell.in_index.tolist())
@@ -192,29 +193,31 @@ def test_pruned_caption_export_has_constant_gates_and_matches(tmp_path):
         "projected": rng.uniform(-1, 1, (n, 4, 8)).astype(np.float32),
     }
     log_probs, h_out, c_out = sess.run(["log_probs", "h_out", "c_out"], feeds)
+    order = prune_caption(model, Compaction(0.0, 0.0)).unit_order  # the graph's unit numbering
+    pos = order.tolist().index(CONST_UNIT)
     b = cell.bias.detach()
     n_gate = cell.gate.n_blocks
     i, f, _ = cell.gate.mean(b[: n_gate * H].unsqueeze(0))
     b_g, b_o = b[n_gate * H : (n_gate + 1) * H], b[(n_gate + 1) * H :]
 
-    def constant_gate_c(unit):
-        return float(f[0, unit]) * feeds["c"][:, unit] + float(i[0, unit]) * np.tanh(
+    def constant_gate_c(unit: int, position: int):
+        return float(f[0, unit]) * feeds["c"][:, position] + float(i[0, unit]) * np.tanh(
             float(b_g[unit])
         )
 
-    assert np.allclose(c_out[:, CONST_UNIT], constant_gate_c(CONST_UNIT), atol=1e-5)
+    assert np.allclose(c_out[:, pos], constant_gate_c(CONST_UNIT, pos), atol=1e-5)
     assert np.allclose(
-        h_out[:, CONST_UNIT],
-        torch.sigmoid(b_o[CONST_UNIT]).item() * np.tanh(c_out[:, CONST_UNIT]),
-        atol=1e-5,
+        h_out[:, pos], torch.sigmoid(b_o[CONST_UNIT]).item() * np.tanh(c_out[:, pos]), atol=1e-5
     )
-    other = (CONST_UNIT + 1) % H
-    assert not np.allclose(c_out[:, other], constant_gate_c(other), atol=1e-3)
+    other = int(order[0])
+    assert not np.allclose(c_out[:, 0], constant_gate_c(other, 0), atol=1e-3)
     with torch.no_grad():  # and the graph agrees with the sparse PyTorch model
         t = {k: torch.from_numpy(v) for k, v in feeds.items()}
-        ref = model.decoder.step(t["tokens"], t["h"], t["c"], t["features"], "mean", t["projected"])
+        back = torch.argsort(order)  # graph numbering → the sparse model's
+        h, c = t["h"][:, back], t["c"][:, back]
+        ref = model.decoder.step(t["tokens"], h, c, t["features"], "mean", t["projected"])
     assert np.abs(log_probs - ref[0].numpy()).max() < 1e-4
-    assert np.abs(c_out - ref[2].numpy()).max() < 1e-4
+    assert np.abs(c_out - ref[2][:, order].numpy()).max() < 1e-4
 
 
 @pytest.mark.parametrize("family", ["lstm", "bbeta5"])
@@ -230,9 +233,10 @@ def test_constant_gates_are_precomputed_and_match(family, which, tmp_path):
     with torch.no_grad():
         for j in range(cell.gate.n_blocks):
             cell.log_sigma2_z[[j * H + u for u in units]] = BIG
-    default = prune_to_dense(model).rnn.cells[1]  # sigmoid gates: only a whole layer by default
-    assert default.n_constant_gates == (len(units) if which == "all" or family == "bbeta5" else 0)
-    dense = prune_to_dense(model, Compaction(min_gate_saving=0.5))
+    assert prune_to_dense(model, Compaction(min_gate_saving=1.0)).rnn.cells[1].n_constant_gates == (
+        H if which == "all" else 0
+    )  # 1: whole layers only
+    dense = prune_to_dense(model)  # half of the units: above the default minimum
     pcell = dense.rnn.cells[1]
     assert pcell.n_constant_gates == len(units) and pcell.gate_perm is None  # placed last
     assert pcell.n_var == H - len(units)  # all constant: no gate math left

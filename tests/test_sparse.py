@@ -146,7 +146,7 @@ def test_export_cli_pruning_options_reach_the_pruned_graph(tmp_path, capsys):
 
     model = sparse_model("lstm", seed=2)
     prune_some(model)
-    with torch.no_grad():  # unit 6 of layer 0: constant i and f (lstm default: whole layers)
+    with torch.no_grad():  # unit 6 of layer 0: constant i and f (1 of 7 units: below 0.25)
         model.rnn.cells[0].log_sigma2_z[[6, H + 6]] = BIG
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -161,7 +161,7 @@ def test_export_cli_pruning_options_reach_the_pruned_graph(tmp_path, capsys):
             argv += ["--min-gate-saving", option]
         assert main(argv) == 0
         manifest = json.loads((tmp_path / out / "manifest.json").read_text())
-        expected = None if option is None else float(option)
+        expected = 0.25 if option is None else float(option)
         assert manifest["config"]["pruned"]["compaction"]["min_gate_saving"] == expected
         graph = onnx.load(str(tmp_path / out / "music_step.onnx")).graph
         rows[out] = {tuple(t.dims)[0] for t in graph.initializer if len(t.dims) == 2}
