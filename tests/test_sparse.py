@@ -197,3 +197,13 @@ def test_readout_neurons_noise_kl_and_pruning():
     assert torch.allclose(x, y)
     dense = PianoRollModel(MusicConfig.preset("lstm", hidden_size=H))
     assert dense.readout_neurons is None
+
+
+def test_bad_sparse_options_fail_before_any_work(tmp_path, capsys):
+    data = "no-such-data.json"  # the options are refused before the data is read
+    argv = ["train", "music", "--data", data, "--out", str(tmp_path / "run"), "--sparsify"]
+    assert main([*argv, "--sparse-kl-weight", "-1"]) == 2
+    assert "--sparse-kl-weight and --sparse-kl-warmup must be >= 0" in capsys.readouterr().err
+    assert main([*argv, "--gate", "mlstm"]) == 2
+    assert "does not support the 'mlstm' family" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -64,6 +64,7 @@ class MusicTrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        sparse_training.check_options(self.sparse_kl_weight, self.sparse_kl_warmup)
         if self.lr <= 0 or not 0 < self.lr_decay <= 1 or self.clip <= 0:
             raise ConfigError("--lr and --clip must be > 0 and --lr-decay in (0, 1]")
 

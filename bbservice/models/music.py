@@ -47,6 +47,8 @@ class MusicConfig:
             self.gate = GateConfig(**self.gate)
         if self.hidden_size < 1 or self.num_layers < 1:
             raise ConfigError("hidden_size and num_layers must be >= 1")
+        if self.sparse and self.gate.family == "mlstm":
+            raise ConfigError("sparse variational dropout does not support the 'mlstm' family")
 
     @classmethod
     def preset(cls, family: str, **overrides) -> MusicConfig:
