@@ -206,4 +206,23 @@ def test_bad_sparse_options_fail_before_any_work(tmp_path, capsys):
     assert "--sparse-kl-weight and --sparse-kl-warmup must be >= 0" in capsys.readouterr().err
     assert main([*argv, "--gate", "mlstm"]) == 2
     assert "does not support the 'mlstm' family" in capsys.readouterr().err
+    assert main([*argv, "--sparse-lr-scale", "0"]) == 2
+    assert "--sparse-lr-scale must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_variational_parameters_get_their_own_learning_rate():
+    from training.sparse_training import is_variational, split_parameters
+
+    model = sparse_model("bbeta5")
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = split_parameters(model, 1e-3, 10.0)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    variational = {names[id(p)] for p in groups[1]["params"]}
+    assert {"readout_neurons.theta", "rnn.cells.0.log_sigma2_ih", "rnn.cells.1.theta_z"} <= (
+        variational
+    )
+    assert {"rnn.cells.0.weight_ih", "readout.weight", "rnn.cells.1.bias"}.isdisjoint(variational)
+    assert len(variational) + len(groups[0]["params"]) == len(names)
+    assert not is_variational("rnn.cells.0.weight_hh")
+    assert len(split_parameters(model, 1e-3, 1.0)) == 1

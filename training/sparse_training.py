@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from bbservice.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, weight, warmup):
-    """The three command-line options (defaults from the trainer's config)."""
+    """The command-line options (defaults from the trainer's config)."""
     parser.add_argument(
         "--sparsify",
         action="store_true",
@@ -36,11 +36,42 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, wei
         default=warmup,
         help="epochs of linear ramp of the sparse KL weight from 0 (0: no ramp)",
     )
+    parser.add_argument(
+        "--sparse-lr-scale",
+        type=float,
+        default=1.0,
+        help="learning rate of the variational parameters (log σ², group θ) relative to the "
+        "model's (default 1)",
+    )
 
 
-def check_options(weight: float, warmup: int) -> None:
+def check_options(weight: float, warmup: int, lr_scale: float = 1.0) -> None:
     if weight < 0 or warmup < 0:
         raise ConfigError("--sparse-kl-weight and --sparse-kl-warmup must be >= 0")
+    if not lr_scale > 0:
+        raise ConfigError(f"--sparse-lr-scale must be > 0, got {lr_scale}")
+
+
+VARIATIONAL_NAMES = ("log_sigma2", "theta")  # parameter-name parts of the sparse VD variables
+
+
+def is_variational(name: str) -> bool:
+    """Whether a parameter (by ``named_parameters`` name) is a sparse VD variable: a log σ²
+    or the θ of a group (neuron, pre-activation, read-out input) variable. The weights' θ are
+    the model's weights themselves."""
+    return any(part in name.rsplit(".", 1)[-1] for part in VARIATIONAL_NAMES)
+
+
+def split_parameters(module: nn.Module, lr: float, lr_scale: float) -> list[dict]:
+    """Adam parameter groups: the model's parameters at ``lr``, the variational ones at
+    ``lr · lr_scale`` (one group when the scale is 1). Frozen parameters are left out."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if lr_scale == 1.0:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    return [
+        {"params": [p for n, p in named if not is_variational(n)], "lr": lr},
+        {"params": [p for n, p in named if is_variational(n)], "lr": lr * lr_scale},
+    ]
 
 
 class SparseKLSchedule:

@@ -84,6 +84,7 @@ class CaptionTrainConfig:
     progress: bool = True
     sparse_kl_weight: float = 1.0
     sparse_kl_warmup: int = 0
+    sparse_lr_scale: float = 1.0
     model: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self) -> None:
@@ -100,7 +101,9 @@ class CaptionTrainConfig:
             raise ConfigError("--ss-max must be in [0, 1], --ss-ramp and --ss-start >= 1")
         if self.max_train_images < 0 or self.max_val_images < 0:
             raise ConfigError("--max-train-images and --max-val-images must be >= 0")
-        sparse_training.check_options(self.sparse_kl_weight, self.sparse_kl_warmup)
+        sparse_training.check_options(
+            self.sparse_kl_weight, self.sparse_kl_warmup, self.sparse_lr_scale
+        )
 
     def sampling_probability(self, epoch: int) -> float:
         """Scheduled-sampling probability of an epoch (linear ramp, then constant)."""
@@ -296,8 +299,7 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
         )
     common.seed_everything(cfg.seed)
     model = CaptionModel.build(model_cfg, load_encoder_weights=not resuming).to(device)
-    decoder_params = [p for p in model.decoder.parameters() if p.requires_grad]
-    groups = [{"params": decoder_params, "lr": cfg.lr}]
+    groups = sparse_training.split_parameters(model.decoder, cfg.lr, cfg.sparse_lr_scale)
     if model_cfg.fine_tune:
         groups.append({"params": list(model.encoder.parameters()), "lr": cfg.encoder_lr})
     optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)

@@ -56,6 +56,7 @@ class MusicTrainConfig:
     init_output_bias: bool = True
     sparse_kl_weight: float = 1.0
     sparse_kl_warmup: int = 0
+    sparse_lr_scale: float = 1.0
     model: MusicConfig = field(default_factory=MusicConfig)
 
     def __post_init__(self) -> None:
@@ -64,7 +65,9 @@ class MusicTrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        sparse_training.check_options(self.sparse_kl_weight, self.sparse_kl_warmup)
+        sparse_training.check_options(
+            self.sparse_kl_weight, self.sparse_kl_warmup, self.sparse_lr_scale
+        )
         if self.lr <= 0 or not 0 < self.lr_decay <= 1 or self.clip <= 0:
             raise ConfigError("--lr and --clip must be > 0 and --lr-decay in (0, 1]")
 
@@ -206,7 +209,8 @@ def _train(cfg, resume, device, dist, out) -> dict:
 
     common.seed_everything(cfg.seed)
     model = PianoRollModel(cfg.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = sparse_training.split_parameters(model, cfg.lr, cfg.sparse_lr_scale)
+    optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=cfg.lr_decay, patience=cfg.patience, min_lr=cfg.min_lr
     )
