@@ -33,6 +33,9 @@ if [ "$WHAT" = music ] || [ "$WHAT" = all ]; then
     train music jsb_lstm_w$w --gate lstm $MUSIC $SPARSE --sparse-kl-weight $w &
     train music jsb_bbeta5_w$w --gate bbeta5 $MUSIC $SPARSE --sparse-kl-weight $w & wait
   done
+  LR10="--sparse-kl-weight 1 --sparse-lr-scale 10"  # variational parameters at 10x the lr
+  train music jsb_lstm_w1lr10 --gate lstm $MUSIC $SPARSE $LR10 &
+  train music jsb_bbeta5_w1lr10 --gate bbeta5 $MUSIC $SPARSE $LR10 & wait
   for run in "$OUT"/jsb_*/; do export_run music "$(basename "$run")"; done
 fi
 
@@ -51,6 +54,8 @@ if [ "$WHAT" = caption ] || [ "$WHAT" = all ]; then
   train caption cap_bbeta5_e10_w1 --gate bbeta5 --hidden 183 --epochs 10 $CAP $SPARSE & wait
   train caption cap_bbeta5_e20_dense --gate bbeta5 --hidden 183 --epochs 20 $CAP &
   train caption cap_bbeta5_e20_w1 --gate bbeta5 --hidden 183 --epochs 20 $CAP $SPARSE & wait
+  train caption cap_bbeta5_e20_w1lr10 --gate bbeta5 --hidden 183 --epochs 20 $CAP $SPARSE \
+    --sparse-lr-scale 10
   for run in "$OUT"/cap_*/; do
     name=$(basename "$run")
     [ -f "$OUT/eval/${name}_test_b1.json" ] || $BB eval caption --checkpoint "$run" \
@@ -61,9 +66,9 @@ if [ "$WHAT" = caption ] || [ "$WHAT" = all ]; then
 fi
 
 $PY bench/results_sparse_table.py "$OUT" | tee "$OUT/table.md"
-for pair in "jsb_lstm_dense jsb_lstm_w0.1 jsb_lstm_w0.3 jsb_lstm_w1" \
-            "jsb_bbeta5_dense jsb_bbeta5_w0.1 jsb_bbeta5_w0.3 jsb_bbeta5_w1" \
-            "cap_bbeta5_e20_dense cap_bbeta5_e20_w1 cap_bbeta5_e10_w1 cap_lstm_e10_dense cap_lstm_e10_w1"; do
+for pair in "jsb_lstm_dense jsb_lstm_w0.1 jsb_lstm_w0.3 jsb_lstm_w1 jsb_lstm_w1lr10" \
+            "jsb_bbeta5_dense jsb_bbeta5_w0.1 jsb_bbeta5_w0.3 jsb_bbeta5_w1 jsb_bbeta5_w1lr10" \
+            "cap_bbeta5_e20_dense cap_bbeta5_e20_w1 cap_bbeta5_e20_w1lr10 cap_bbeta5_e10_w1 cap_lstm_e10_dense cap_lstm_e10_w1"; do
   folders=()
   for name in $pair; do
     [ -f "$OUT/exports/$name/manifest.json" ] && folders+=("$OUT/exports/$name")
