@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from bbservice.errors import ConfigError
 from bbservice.gates import GateConfig, GateOutput, make_gate, tanh
+from bbservice.hashing import content_hash
 from bbservice.sparse import SparseGatedLSTM, SparseGatedLSTMCell
 
 
@@ -430,8 +431,6 @@ def _pruned_record(
     (as its checkpoint's ``config.json`` gives them: the service accepts that checkpoint for
     ``mode=stochastic``, where the gates are sampled in PyTorch), the compaction, the report's
     totals and the largest differences against the sparse model."""
-    from export.onnx_export import content_hash
-
     return {
         "source_model": config["model"],
         "source_content_hash": content_hash(model, config),

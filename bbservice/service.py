@@ -63,6 +63,7 @@ import bbservice
 from bbservice import runtime
 from bbservice.decoding import Hypothesis, beam_search, sample_gate_passes
 from bbservice.errors import BBServiceError, ConfigError, DataError
+from bbservice.hashing import content_hash
 from bbservice.images import ImageTooLargeError, load_image, preprocess
 from bbservice.music_generation import GenerationParams, generate_rolls
 from bbservice.pianoroll import LOWEST_PITCH, N_KEYS, midi_to_roll, roll_to_midi, roll_to_png
@@ -365,20 +366,6 @@ class _ClientErrorRewriter:
 # --------------------------------------------------------------------------------------------
 
 
-def _content_hash(model, config: dict) -> str:
-    """The export's content hash of a PyTorch model (as ``export.onnx_export.content_hash``)."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class _TorchMusicSampler:
     """The PyTorch music model as a music stepper with sampled gates drawn from ``seed``
     (as ``bbservice generate music --mode sample``)."""
@@ -474,7 +461,7 @@ class Stochastic:
         if pruned:  # a pruned export: its sparse source checkpoint samples the gates
             expected, exported_model = pruned.get("source_content_hash"), pruned.get("source_model")
         same_model = config.get("model") == exported_model
-        hashes = {_content_hash(model, config), _content_hash(model, manifest["config"])}
+        hashes = {content_hash(model, config), content_hash(model, manifest["config"])}
         if expected not in hashes or not same_model:
             raise DataError(
                 f"checkpoint '{folder}' is not the exported model (content hash differs from "

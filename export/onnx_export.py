@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import hashlib
 import json
 import logging
 import platform
@@ -59,6 +58,7 @@ from torch import Tensor, nn
 
 from bbservice import runtime
 from bbservice.errors import BBServiceError, ConfigError
+from bbservice.hashing import content_hash
 from bbservice.models.caption import END_ID, PAD_ID, START_ID, CaptionModel
 from bbservice.models.music import PianoRollModel
 from bbservice.pianoroll import LOWEST_PITCH, N_KEYS
@@ -307,16 +307,6 @@ def make_int8(src: Path, dst: Path, metadata: dict[str, str]) -> bool:
 # --------------------------------------------------------------------------------------------
 # Hashes, manifest, staging, store
 # --------------------------------------------------------------------------------------------
-
-
-def content_hash(model: nn.Module, config: dict) -> str:
-    """sha256 of the config (canonical JSON) and every tensor of the state dict."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:
