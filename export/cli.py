@@ -70,6 +70,20 @@ def _common(parser: argparse.ArgumentParser, kind: str) -> None:
     )
 
 
+def _export_options(args: argparse.Namespace, checkpoint: Path) -> dict:
+    """The keyword arguments every exporter takes from the shared options."""
+    return {
+        "fp16": args.fp16,
+        "int8": args.int8,
+        "store": not args.no_store,
+        "checkpoint": not args.no_checkpoint,
+        "tolerance": args.tolerance,
+        "seed": args.seed,
+        "verify_device": args.verify_device,
+        "source": {"checkpoint": str(checkpoint.resolve())},
+    }
+
+
 def _compaction(args: argparse.Namespace):
     from bbservice.pruning import Compaction
 
@@ -145,15 +159,8 @@ def run_music(args: argparse.Namespace) -> int:
         model,
         args.out,
         config=config,
-        fp16=args.fp16,
-        int8=args.int8,
-        store=not args.no_store,
-        checkpoint=not args.no_checkpoint,
-        tolerance=args.tolerance,
-        seed=args.seed,
         primer=primer,
-        verify_device=args.verify_device,
-        source={"checkpoint": str(Path(args.checkpoint).resolve())},
+        **_export_options(args, Path(args.checkpoint)),
         **extra,
     )
     print(json.dumps(_summary(result), indent=2))
@@ -184,15 +191,8 @@ def run_caption(args: argparse.Namespace) -> int:
         args.out,
         vocabulary=vocab.itos,
         config=config,
-        fp16=args.fp16,
-        int8=args.int8,
-        store=not args.no_store,
-        checkpoint=not args.no_checkpoint,
-        tolerance=args.tolerance,
-        seed=args.seed,
         images=images,
-        verify_device=args.verify_device,
-        source={"checkpoint": str(folder.resolve())},
+        **_export_options(args, folder),
         **extra,
     )
     print(json.dumps(_summary(result), indent=2))
