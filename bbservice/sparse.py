@@ -52,6 +52,20 @@ from bbservice.errors import ConfigError
 from bbservice.gates import GateConfig, make_gate
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
+
+
+def _tracing() -> bool:
+    """Inside torch.compile / torch.export (no caching of tensors there)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(
+        compiler
+        and (
+            getattr(compiler, "is_compiling", lambda: False)()
+            or getattr(compiler, "is_exporting", lambda: False)()
+        )
+    )
+
+
 LOG_ALPHA_CLIP = 8.0
 PRUNE_THRESHOLD = 3.0
 INIT_LOG_SIGMA2_WEIGHT = -10.0
@@ -120,6 +134,7 @@ class SparseGatedLSTMCell(GatedLSTMCell):
         self.threshold = PRUNE_THRESHOLD
         self._seq_noise: dict[str, Tensor] | None = None
         self._pinned_noise: dict[str, Tensor] | None = None
+        self._effective_cache: tuple | None = None
         self.reset_sparse_parameters()
 
     def reset_parameters(self) -> None:
@@ -164,7 +179,18 @@ class SparseGatedLSTMCell(GatedLSTMCell):
 
     def effective_weights(self) -> tuple[Tensor, Tensor]:
         """``(W_eff (kH, D), U_eff (kH, H))``: means with pruned entries zeroed, the neuron and
-        pre-activation variables folded in, so ``z = x W_effᵀ + h U_effᵀ + b``."""
+        pre-activation variables folded in, so ``z = x W_effᵀ + h U_effᵀ + b``.
+
+        Without autograd in eval mode (decoding step by step) they are computed once and kept
+        until a parameter changes (in place, by a new load, or by moving device)."""
+        if self.training or torch.is_grad_enabled() or _tracing():
+            return self._compute_effective_weights()
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._effective_cache is None or self._effective_cache[0] != key:
+            self._effective_cache = (key, self._compute_effective_weights())
+        return self._effective_cache[1]
+
+    def _compute_effective_weights(self) -> tuple[Tensor, Tensor]:
         m = self.masks()
         zx = self.theta_x * m["input"]
         zh = self.theta_h * m["hidden"]

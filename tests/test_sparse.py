@@ -8,6 +8,7 @@ import copy
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import PRUNE_ALL as BIG
 from conftest import SPARSE_H as H
@@ -226,3 +227,20 @@ def test_variational_parameters_get_their_own_learning_rate():
     assert len(variational) + len(groups[0]["params"]) == len(names)
     assert not is_variational("rnn.cells.0.weight_hh")
     assert len(split_parameters(model, 1e-3, 1.0)) == 1
+
+
+def test_eval_effective_weights_are_cached_until_a_parameter_changes():
+    cell = SparseGatedLSTMCell(5, H, gate="lstm").eval()
+    with torch.no_grad():
+        w1, _ = cell.effective_weights()
+        assert cell.effective_weights()[0] is w1  # cached while nothing changes
+        cell.weight_ih[0, 0] += 1.0  # in place: the version counter moves
+        w2, _ = cell.effective_weights()
+        assert w2 is not w1 and float(w2[0, 0] - w1[0, 0]) == pytest.approx(1.0)
+        cell.load_state_dict({k: v.clone() for k, v in cell.state_dict().items()})
+        assert cell.effective_weights()[0] is not w2
+    w3, _ = cell.effective_weights()  # with autograd: computed fresh, with a graph
+    assert w3.requires_grad
+    cell.train()
+    with torch.no_grad():
+        assert cell.effective_weights()[0] is not cell.effective_weights()[0]
