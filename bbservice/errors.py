@@ -11,3 +11,13 @@ class DataError(BBServiceError):
 
 class ConfigError(BBServiceError):
     """An argument or configuration value is out of range or inconsistent."""
+
+
+class TooLargeError(DataError):
+    """An input over a size limit (the service answers 413)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

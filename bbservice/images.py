@@ -25,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bbservice.errors import DataError
+from bbservice.errors import DataError, TooLargeError, first_line
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -44,7 +44,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
 
 
-class ImageTooLargeError(DataError):
+class ImageTooLargeError(TooLargeError):
     """The image has more pixels than allowed (possible decompression bomb); HTTP 413."""
 
 
@@ -185,8 +185,7 @@ def load_image(
         except MemoryError as exc:
             raise ImageTooLargeError(f"{label}: not enough memory to decode the image") from exc
         except Exception as exc:  # Pillow plugins raise many types on corrupt data
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"{label}: truncated or corrupt image ({detail})") from exc
+            raise DataError(f"{label}: truncated or corrupt image ({first_line(exc)})") from exc
 
 
 def resize_image(image: Image.Image, size: int = 224, *, crop: bool = False) -> np.ndarray:

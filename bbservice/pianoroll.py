@@ -20,6 +20,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import pretty_midi
 from PIL import Image
 
-from bbservice.errors import ConfigError, DataError
+from bbservice.errors import ConfigError, DataError, TooLargeError, first_line
 
 N_KEYS = 88
 LOWEST_PITCH = 21
@@ -42,6 +43,63 @@ def _check_grid(frames_per_beat: float | None, fps: float | None) -> None:
     value = frames_per_beat if fps is None else fps
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ConfigError(f"grid rate must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The time grid of a roll: ``frames_per_beat`` frames per quarter note (following the
+    file's tempo map) or ``fps`` frames per second; exactly one is set.
+
+    On disk (export manifests, checkpoint configs, service answers) it stays the dict
+    ``{"frames_per_beat": n}`` or ``{"fps": r}`` (:meth:`to_dict`, :meth:`from_dict`); the
+    functions below that take ``frames_per_beat=`` / ``fps=`` accept ``**grid.to_dict()``.
+    """
+
+    frames_per_beat: float | None = None
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_grid(self.frames_per_beat, self.fps)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Grid:
+        """``{"frames_per_beat": n}`` or ``{"fps": r}`` (as written in a manifest)."""
+        return cls(data.get("frames_per_beat"), data.get("fps"))
+
+    @classmethod
+    def of_checkpoint(cls, config: dict) -> Grid:
+        """The grid a music checkpoint was trained on (its config's ``data`` section; one frame
+        per quarter note when the config says nothing)."""
+        data = config.get("data", {}) if isinstance(config, dict) else {}
+        if data.get("fps"):
+            return cls(fps=data["fps"])
+        return cls(frames_per_beat=data.get("frames_per_beat") or 1)
+
+    def to_dict(self) -> dict[str, float]:
+        if self.fps is not None:
+            return {"fps": self.fps}
+        return {"frames_per_beat": self.frames_per_beat}
+
+    def seconds_per_frame(self, tempo: float) -> float:
+        """Length of a frame in seconds at ``tempo`` quarter notes per minute, as a MIDI file
+        written by :func:`roll_to_midi` stores it (its tempo is a whole number of µs a beat)."""
+        if self.fps is not None:
+            return 1.0 / self.fps
+        stored_tempo = 6e7 / max(1, round(6e7 / tempo))
+        return 60.0 / (stored_tempo * self.frames_per_beat)
+
+    def pause_frames(self) -> int:
+        """The silence between pieces: a bar of 4 beats, or 2 seconds on a time grid."""
+        if self.fps is not None:
+            return round(2 * self.fps)
+        return round(4 * self.frames_per_beat)
+
+    def length_of(self, pm: pretty_midi.PrettyMIDI) -> float:
+        """How many frames of this grid a parsed MIDI file lasts."""
+        end = pm.get_end_time()
+        if self.fps is not None:
+            return end * self.fps
+        return pm.time_to_tick(end) / pm.resolution * self.frames_per_beat
 
 
 def _check_roll(roll: np.ndarray) -> np.ndarray:
@@ -335,3 +393,95 @@ def load_midi_roll(
     if not roll.any():
         raise DataError(f"MIDI file '{p}' has no notes on the 88 piano keys (drums left out)")
     return roll
+
+
+# -- primers and generated music (the service and the generate command) --------------------------
+
+
+class PrimerTooLargeError(TooLargeError):
+    """A primer file larger than the byte limit (HTTP 413)."""
+
+
+def parse_primer(
+    path: str | os.PathLike, grid: Grid, *, max_bytes: int, max_frames: int
+) -> np.ndarray:
+    """The roll ``(T, 88)`` of an uploaded primer MIDI file, ``T <= max_frames``.
+
+    Raises
+    ------
+    PrimerTooLargeError
+        More than ``max_bytes`` bytes.
+    DataError
+        Empty, not MIDI, longer than ``max_frames`` frames, or no notes on the 88 keys. The
+        messages start with ``primer:``.
+    """
+    size = Path(path).stat().st_size
+    if size == 0:
+        raise DataError("primer: file is empty (0 bytes)")
+    if size > max_bytes:
+        raise PrimerTooLargeError(f"primer: {size} bytes, more than the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = pretty_midi.PrettyMIDI(str(path))
+            frames = grid.length_of(pm)
+    except Exception as err:  # mido / pretty_midi raise many types on bad bytes
+        raise DataError(f"primer: not a MIDI file or corrupt ({first_line(err)[:160]})") from err
+    if not math.isfinite(frames) or frames > max_frames + 1:
+        raise DataError(
+            f"primer: about {frames:.0f} frames long, more than the limit of {max_frames} frames"
+        )
+    roll = midi_to_roll(pm, **grid.to_dict())
+    if not roll.any():
+        raise DataError("primer: no notes on the 88 piano keys (drums are left out)")
+    return roll[:max_frames]
+
+
+def rolls_to_midi_bytes(
+    rolls: Sequence[np.ndarray], grid: Grid, *, tempo: float, stamp: str
+) -> bytes:
+    """One MIDI file of several rolls, a :meth:`Grid.pause_frames` silence apart.
+
+    ``stamp`` becomes a text event at time 0; with more than one roll, each piece starts at a
+    text event ``"output k"``.
+    """
+    gap = grid.pause_frames()
+    pieces, starts, at = [], [], 0
+    for k, roll in enumerate(rolls):
+        if k:
+            pieces.append(np.zeros((gap, N_KEYS), dtype=np.uint8))
+            at += gap
+        starts.append(at)
+        pieces.append(roll)
+        at += len(roll)
+    pm = roll_to_midi(np.concatenate(pieces), tempo=tempo, **grid.to_dict())
+    pm.text_events.append(pretty_midi.Text(stamp, 0.0))
+    if len(rolls) > 1:
+        spf = grid.seconds_per_frame(tempo)
+        pm.text_events.extend(
+            pretty_midi.Text(f"output {k}", s * spf) for k, s in enumerate(starts)
+        )
+    buf = io.BytesIO()
+    pm.write(buf)
+    return buf.getvalue()
+
+
+def roll_notes(roll: np.ndarray, seconds_per_frame: float) -> list[dict[str, float]]:
+    """The notes of a roll, by start then pitch: MIDI ``pitch``, ``start_frame`` /
+    ``end_frame`` (end exclusive) and ``start`` / ``end`` in seconds (6 decimals)."""
+    padded = np.zeros((len(roll) + 2, N_KEYS), dtype=np.int8)
+    padded[1:-1] = roll
+    edges = np.diff(padded, axis=0).T  # (88, T + 1)
+    keys, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)
+    order = np.lexsort((keys, starts))
+    return [
+        {
+            "pitch": int(keys[i]) + LOWEST_PITCH,
+            "start_frame": int(starts[i]),
+            "end_frame": int(ends[i]),
+            "start": round(float(starts[i]) * seconds_per_frame, 6),
+            "end": round(float(ends[i]) * seconds_per_frame, 6),
+        }
+        for i in order
+    ]

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bbservice.errors import ConfigError, DataError
+from bbservice.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ def make_session(
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
     except Exception as err:  # onnxruntime raises its own exception types
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"ONNX graph '{path}' does not load: {detail}") from err
+        raise DataError(f"ONNX graph '{path}' does not load: {first_line(err)}") from err
     got = session.get_providers()
     if CUDA in wanted and CUDA not in got:
         message = f"{path.name}: CUDA was asked for but ONNX Runtime runs it on {got}"

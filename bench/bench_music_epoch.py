@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from bbservice.models.music import MusicConfig, PianoRollModel, frame_nll_sum
+from training.music_batches import collate, train_batches, usable
 from training.music_data import load_music
-from training.music_loop import collate, train_batches, usable
 
 
 def one_epoch(model, seqs, batch_size: int, seed: int = 0) -> float:

@@ -39,11 +39,10 @@ from bbservice.models.caption import (
     CaptionModel,
     TorchCaptionStepper,
 )
-from bbservice.models.music import MusicConfig, PianoRollModel
+from bbservice.models.music import MusicConfig, PianoRollModel, TorchMusicStepper
 from bbservice.music_generation import GenerationParams, generate_rolls
 from bbservice.runtime import load_export
 from export.onnx_export import export_caption, export_music
-from training.generate_music import TorchMusicStepper
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -59,9 +58,9 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
 
 def bench_caption(args, out: Path) -> None:
     if args.caption_checkpoint:
-        from training.eval_caption import load_caption_checkpoint
+        from bbservice import checkpoints
 
-        model, vocab, _ = load_caption_checkpoint(args.caption_checkpoint, "cpu")
+        model, vocab, _ = checkpoints.load_caption(args.caption_checkpoint, "cpu")
         itos = vocab.itos
         source = args.caption_checkpoint
     else:
@@ -125,7 +124,7 @@ class PrepackedTorchMusicStepper(TorchMusicStepper):
     """
 
     def __init__(self, model, plain: bool = False) -> None:
-        super().__init__(model, torch.device("cpu"), "mean", 0)
+        super().__init__(model, "mean", 0, "cpu")
         self.plain, self.matmuls = plain, None
 
     def start(self, batch: int):
@@ -157,9 +156,9 @@ def _addmm(weight_t, add, x):
 
 def bench_music(args, out: Path) -> None:
     if args.music_checkpoint:
-        from training.checkpoints import load_music_checkpoint
+        from bbservice import checkpoints
 
-        model, config = load_music_checkpoint(args.music_checkpoint, "cpu")
+        model, config = checkpoints.load_music(args.music_checkpoint, "cpu")
         source = args.music_checkpoint
     else:
         torch.manual_seed(0)
@@ -182,7 +181,7 @@ def bench_music(args, out: Path) -> None:
     params = GenerationParams(frames=args.frames, seed=0, num_outputs=1)
     n = args.frames
     steppers = {
-        "torch eager (TorchMusicStepper)": TorchMusicStepper(model, torch.device("cpu")),
+        "torch eager (TorchMusicStepper)": TorchMusicStepper(model, device="cpu"),
         "torch eager, packed once": PrepackedTorchMusicStepper(model),
         "torch eager, plain addmm": PrepackedTorchMusicStepper(model, plain=True),
         "onnx runtime": onnx.music_stepper(),

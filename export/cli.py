@@ -143,16 +143,18 @@ def _summary(result) -> dict:
 
 
 def run_music(args: argparse.Namespace) -> int:
-    from bbservice.pianoroll import load_midi_roll
-    from export.onnx_export import default_grid, export_music
-    from training.checkpoints import load_music_checkpoint
+    from bbservice import checkpoints
+    from bbservice.pianoroll import Grid, load_midi_roll
+    from export.onnx_export import export_music
 
     _check_tolerance(args)
-    model, config = load_music_checkpoint(args.checkpoint, "cpu")
-    primer = load_midi_roll(args.primer, **default_grid(config)) if args.primer else None
+    model, config = checkpoints.load_music(args.checkpoint, "cpu")
+    primer = (
+        load_midi_roll(args.primer, **Grid.of_checkpoint(config).to_dict()) if args.primer else None
+    )
     exporter, extra = export_music, {}
     if getattr(model.config, "sparse", False):  # the smaller dense graph of the pruned model
-        from bbservice.pruning import export_pruned_music as exporter
+        from export.pruned import export_pruned_music as exporter
 
         extra = {"compaction": _compaction(args)}
     result = exporter(
@@ -170,12 +172,12 @@ def run_music(args: argparse.Namespace) -> int:
 def run_caption(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from bbservice import checkpoints
     from bbservice.images import load_image, preprocess
     from export.onnx_export import export_caption
-    from training.eval_caption import load_caption_checkpoint
 
     _check_tolerance(args)
-    model, vocab, folder = load_caption_checkpoint(args.checkpoint, "cpu")
+    model, vocab, folder = checkpoints.load_caption(args.checkpoint, "cpu")
     config = json.loads((folder / "config.json").read_text())
     images = None
     if args.images:
@@ -183,7 +185,7 @@ def run_caption(args: argparse.Namespace) -> int:
         images = np.stack([preprocess(load_image(p), size) for p in args.images])
     exporter, extra = export_caption, {}
     if model.config.sparse:  # the pruned decoder cell
-        from bbservice.pruning import export_pruned_caption as exporter
+        from export.pruned import export_pruned_caption as exporter
 
         extra = {"compaction": _compaction(args)}
     result = exporter(

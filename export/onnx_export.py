@@ -56,21 +56,20 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from bbservice import runtime
-from bbservice.errors import BBServiceError, ConfigError
+from bbservice import checkpoints, runtime
+from bbservice.errors import BBServiceError, ConfigError, first_line
 from bbservice.hashing import content_hash
-from bbservice.models.caption import END_ID, PAD_ID, START_ID, CaptionModel
+from bbservice.models.caption import CaptionModel
 from bbservice.models.music import PianoRollModel
-from bbservice.pianoroll import LOWEST_PITCH, N_KEYS
+from bbservice.pianoroll import LOWEST_PITCH, N_KEYS, Grid
+from bbservice.vocab import SPECIAL_IDS, placeholder_words
 from export import verify
-from training.common import atomic_dir
 
 log = logging.getLogger(__name__)
 
 OPSET = 20
 EXAMPLE_BATCH = 3  # not 0 or 1, which torch.export would specialise
 MAX_BATCH = 1 << 16
-UNK_ID = 3
 INT8_OPS = ["MatMul", "Gemm"]
 
 
@@ -203,8 +202,7 @@ def export_graph(spec: GraphSpec, path: Path, metadata: dict[str, str]) -> onnx.
                 verbose=False,
             )
     except Exception as err:  # the exporter raises many types; name the graph in one line
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"ONNX export of {spec.name} failed: {detail}") from err
+        raise ExportError(f"ONNX export of {spec.name} failed: {first_line(err)}") from err
     proto = program.model_proto
     _name_batch_axes(proto, spec)
     _set_metadata(proto, metadata)
@@ -342,7 +340,7 @@ def staging(out: Path) -> Iterator[Path]:
                 f"--out '{out}' is a non-empty folder that is not an earlier export; "
                 "choose another folder"
             )
-    with atomic_dir(out) as tmp:
+    with checkpoints.atomic_dir(out) as tmp:
         yield tmp
 
 
@@ -400,9 +398,7 @@ def write_checkpoint(
     hashes but not under ``files`` (what the ONNX runtime reads and :func:`load_export`
     checks); a service loading them checks the model's content hash instead.
     """
-    from training.common import save_checkpoint
-
-    save_checkpoint(folder / "checkpoint", model, config, None, extra_files)
+    checkpoints.save_checkpoint(folder / "checkpoint", model, config, None, extra_files)
     files = sorted(p for p in (folder / "checkpoint").iterdir() if p.is_file())
     return {"folder": "checkpoint", "files": {p.name: file_entry(p) for p in files}}
 
@@ -469,14 +465,6 @@ def _finish(
 # --------------------------------------------------------------------------------------------
 
 
-def default_grid(config: dict) -> dict:
-    """The piano-roll grid of a checkpoint config (as ``training.generate_music.grid_of``)."""
-    data = config.get("data", {}) if isinstance(config, dict) else {}
-    if data.get("fps"):
-        return {"fps": data["fps"]}
-    return {"frames_per_beat": data.get("frames_per_beat") or 1}
-
-
 def export_music(
     model: PianoRollModel,
     out: str | Path,
@@ -504,7 +492,7 @@ def export_music(
     config = config or {"kind": "music", "model": model.config.to_dict()}
     family = model.config.gate.family
     chash = content_hash(model, config)
-    grid = default_grid(config)
+    grid = Grid.of_checkpoint(config).to_dict()
     keys = {
         "n_keys": N_KEYS,
         "lowest_pitch": LOWEST_PITCH,
@@ -586,11 +574,6 @@ def _stored(result: ExportResult, store: bool) -> ExportResult:
 # --------------------------------------------------------------------------------------------
 
 
-def placeholder_vocabulary(size: int) -> list[str]:
-    """Specials and ``w4, w5, ...``: the vocabulary of a model built without data."""
-    return ["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(4, size))]
-
-
 def export_caption(
     model: CaptionModel,
     out: str | Path,
@@ -616,9 +599,7 @@ def export_caption(
     out = Path(out)
     model = _cpu_eval_copy(model)
     cfg = model.config
-    vocabulary = (
-        list(vocabulary) if vocabulary is not None else placeholder_vocabulary(cfg.vocab_size)
-    )
+    vocabulary = list(vocabulary) if vocabulary is not None else placeholder_words(cfg.vocab_size)
     if len(vocabulary) != cfg.vocab_size:
         raise ConfigError(
             f"the vocabulary has {len(vocabulary)} words but the model {cfg.vocab_size}"
@@ -626,7 +607,7 @@ def export_caption(
     config = config or {"kind": "caption", "model": cfg.to_dict()}
     family = cfg.gate.family
     chash = content_hash(model, config)
-    special = {"pad": PAD_ID, "start": START_ID, "end": END_ID, "unk": UNK_ID}
+    special = dict(SPECIAL_IDS)
     meta = {
         "bbservice.kind": "caption",
         "bbservice.gate_family": family,

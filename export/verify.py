@@ -35,11 +35,12 @@ import torch
 from bbservice.decoding import beam_search
 from bbservice.errors import BBServiceError
 from bbservice.images import preprocess
-from bbservice.models.caption import END_ID, START_ID, CaptionModel, TorchCaptionStepper
-from bbservice.models.music import PianoRollModel
+from bbservice.models.caption import CaptionModel, TorchCaptionStepper
+from bbservice.models.music import PianoRollModel, TorchMusicStepper
 from bbservice.music_generation import GenerationParams, generate_rolls
 from bbservice.pianoroll import N_KEYS, midi_bytes
 from bbservice.runtime import OnnxCaptionStepper, OnnxMusicStepper, make_session
+from bbservice.vocab import END_ID, START_ID
 
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_BATCH_SIZES = (1, 5)
@@ -239,9 +240,7 @@ class MusicVerifier:
 
     @cached_property
     def reference_rolls(self) -> np.ndarray:
-        from training.generate_music import TorchMusicStepper
-
-        stepper = TorchMusicStepper(self.model, torch.device("cpu"), "mean", self.seed)
+        stepper = TorchMusicStepper(self.model, "mean", self.seed, "cpu")
         with torch.inference_mode():
             return generate_rolls(stepper, self.params)
 

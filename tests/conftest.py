@@ -20,7 +20,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-# -- sparse models (tests of bbservice.sparse, bbservice.pruning, training.prune_report) -------
+# -- sparse models (tests of bbservice.sparse, bbservice.pruning, bbservice.prune_report) -------
 
 SPARSE_H = 8
 PRUNE_ALL = 20.0  # a log σ² that prunes any variable (log α clips to 8 > 3)

@@ -150,6 +150,7 @@ def test_models_are_packed_with_their_checkpoints(built, bentofile):
 
 def test_bento_holds_the_service_package_only(built):
     src = built["bentos"]["bentofile.yaml"]["src"]
-    assert {"bbservice/service.py", "bbservice/runtime.py", "bbservice/decoding.py"} <= set(src)
+    service = {"bbservice/service/__init__.py", "bbservice/service/app.py"}
+    assert service | {"bbservice/runtime.py", "bbservice/decoding.py"} <= set(src)
     assert not [p for p in src if p.startswith(("training/", "tests/", "export/", "artifacts/"))]
     assert not [p for p in src if "__pycache__" in p or p.endswith(".pyc")]

@@ -11,10 +11,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from bbservice.errors import DataError
+from bbservice.vocab import Vocabulary
 from training.caption_data import (
     CaptionEvalDataset,
     CaptionTrainDataset,
-    Vocabulary,
     collate_eval,
     collate_train,
     get_split,

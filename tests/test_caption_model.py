@@ -13,12 +13,11 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from bbservice import checkpoints
 from bbservice.decoding import beam_search, greedy, sample_gate_passes
 from bbservice.errors import ConfigError, DataError
 from bbservice.gates import GateConfig
 from bbservice.models.caption import (
-    END_ID,
-    START_ID,
     AttentionDecoder,
     CaptionConfig,
     CaptionModel,
@@ -29,6 +28,7 @@ from bbservice.models.caption import (
     count_decoder_parameters,
     hidden_size_for_budget,
 )
+from bbservice.vocab import END_ID, START_ID
 
 V = 11
 
@@ -247,7 +247,7 @@ def test_checkpoint_round_trip_and_stepper(tmp_path):
     (folder / "config.json").write_text(
         json.dumps({"kind": "caption", "model": model.config.to_dict()})
     )
-    loaded = CaptionModel.from_checkpoint(tmp_path / "run")
+    loaded = checkpoints.load_caption_model(tmp_path / "run")[0]
     images = batch()[0].numpy()
     a = greedy(TorchCaptionStepper(model), images, start_id=START_ID, end_id=END_ID, max_length=6)
     b = greedy(TorchCaptionStepper(loaded), images, start_id=START_ID, end_id=END_ID, max_length=6)
@@ -269,13 +269,13 @@ def test_checkpoint_round_trip_and_stepper(tmp_path):
 
     (tmp_path / "bad").mkdir()
     with pytest.raises(DataError, match="not a checkpoint folder"):
-        CaptionModel.from_checkpoint(tmp_path / "bad")
+        checkpoints.load_caption_model(tmp_path / "bad")[0]
     (folder / "config.json").write_text('{"kind": "music", "model": {}}')
     with pytest.raises(DataError, match="not caption"):
-        CaptionModel.from_checkpoint(folder)
+        checkpoints.load_caption_model(folder)[0]
     (folder / "config.json").write_text("{not json")
     with pytest.raises(DataError, match="corrupt"):
-        CaptionModel.from_checkpoint(folder)
+        checkpoints.load_caption_model(folder)[0]
 
 
 def test_caption_loss_ignores_padding_logits():

@@ -13,23 +13,15 @@ import onnx
 import pytest
 import torch
 
-from bbservice import cli, runtime
+from bbservice import checkpoints, cli, runtime
 from bbservice.decoding import beam_search
 from bbservice.errors import ConfigError
-from bbservice.models.caption import (
-    END_ID,
-    START_ID,
-    CaptionConfig,
-    CaptionModel,
-    TorchCaptionStepper,
-)
-from bbservice.models.music import MusicConfig, PianoRollModel
+from bbservice.models.caption import CaptionConfig, CaptionModel, TorchCaptionStepper
+from bbservice.models.music import MusicConfig, PianoRollModel, TorchMusicStepper
 from bbservice.music_generation import GenerationParams, generate_rolls
 from bbservice.pianoroll import midi_bytes
+from bbservice.vocab import END_ID, START_ID
 from export import onnx_export, verify
-from training import common
-from training.checkpoints import load_music_checkpoint
-from training.generate_music import TorchMusicStepper
 
 GRID = {"frames_per_beat": 1}
 
@@ -100,7 +92,7 @@ def test_music_export_files_and_manifest(music_export):
 def test_music_export_holds_the_pytorch_checkpoint(music_model, music_export):
     manifest = music_export.manifest
     assert set(manifest["checkpoint"]["files"]) == {"config.json", "model.safetensors"}
-    model, config = load_music_checkpoint(music_export.path / "checkpoint")
+    model, config = checkpoints.load_music(music_export.path / "checkpoint")
     assert config == manifest["config"]
     assert onnx_export.content_hash(model, config) == manifest["content_hash"]
 
@@ -143,7 +135,7 @@ def test_music_variants_report_their_accuracy(music_export):
 def test_same_midi_on_both_backends(music_model, music_export):
     params = GenerationParams(frames=32, temperature=0.9, seed=11, num_outputs=3)
     with torch.inference_mode():
-        ref = generate_rolls(TorchMusicStepper(music_model, torch.device("cpu")), params)
+        ref = generate_rolls(TorchMusicStepper(music_model, device="cpu"), params)
     export = runtime.load_export(music_export.path, device="cpu")
     got = generate_rolls(export.music_stepper(), params)
     assert [midi_bytes(r, **GRID) for r in got] == [midi_bytes(r, **GRID) for r in ref]
@@ -208,7 +200,7 @@ def test_cli_export_music(music_model, tmp_path, capsys):
         "model": music_model.config.to_dict(),
         "data": {"frames_per_beat": 2},
     }
-    common.save_checkpoint(checkpoint, music_model, config)
+    checkpoints.save_checkpoint(checkpoint, music_model, config)
     out = tmp_path / "export"
     assert (
         cli.main(["export", "music", str(tmp_path / "run"), "--out", str(out), "--no-store"]) == 0
@@ -233,7 +225,7 @@ def test_caption_export_files_metadata_and_verification(caption_export):
         "manifest.json",
         "checkpoint",
     }
-    restored = CaptionModel.from_checkpoint(folder / "checkpoint")
+    restored = checkpoints.load_caption_model(folder / "checkpoint")[0]
     assert onnx_export.content_hash(restored, manifest["config"]) == manifest["content_hash"]
     step = manifest["graphs"]["caption_step"]
     assert [i["name"] for i in step["inputs"]] == ["tokens", "h", "c", "features", "projected"]

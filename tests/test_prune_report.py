@@ -1,4 +1,4 @@
-"""The pruning report (training.prune_report) of sparse music and caption models."""
+"""The pruning report (bbservice.prune_report) of sparse music and caption models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import SPARSE_H as H
 from conftest import sparse_music_model as sparse_model
 
 from bbservice.models.caption import CaptionModel
-from training.prune_report import caption_prune_report, format_report, prune_report
+from bbservice.prune_report import caption_prune_report, format_report, prune_report
 
 
 def test_prune_report_counts():

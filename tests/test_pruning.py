@@ -21,21 +21,21 @@ from onnx import numpy_helper
 
 from bbservice.decoding import greedy, sample_gate_passes
 from bbservice.errors import ConfigError
-from bbservice.models.caption import END_ID, START_ID, CaptionModel, TorchCaptionStepper
+from bbservice.models.caption import CaptionModel, TorchCaptionStepper
 from bbservice.models.music import PianoRollModel, count_parameters
+from bbservice.prune_report import prune_report
 from bbservice.pruning import (
     Compaction,
     compare_pruned,
     compare_pruned_caption,
     decoder_parameter_count,
     dense_parameter_count,
-    export_pruned_caption,
-    export_pruned_music,
     prune_caption,
     prune_to_dense,
 )
+from bbservice.vocab import END_ID, START_ID
 from export.onnx_export import GraphSpec, export_graph, export_music
-from training.prune_report import prune_report
+from export.pruned import export_pruned_caption, export_pruned_music
 
 
 @pytest.mark.parametrize("family", ["lstm", "bbeta5"])

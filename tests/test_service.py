@@ -77,14 +77,10 @@ def _cache_key() -> str:
 
 def _save_checkpoint(folder: Path, model, config: dict) -> None:
     """The PyTorch checkpoint for mode=stochastic, where the export did not write it."""
-    from safetensors.torch import save_file
+    from bbservice import checkpoints
 
-    if (folder / "model.safetensors").is_file():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if not (folder / checkpoints.WEIGHTS_FILE).is_file():
+        checkpoints.save_checkpoint(folder, model, config)
 
 
 def _build(out: Path) -> None:
@@ -723,18 +719,15 @@ def _pruned_exports(tmp_path: Path) -> dict[str, Path]:
     """Pruned exports of tiny sparse models, with their sparse checkpoints beside them."""
     import torch
     from conftest import PRUNE_ALL, prune_some, sparse_music_model, tiny_caption_config
-    from safetensors.torch import save_file
 
+    from bbservice import checkpoints
     from bbservice.models.caption import CaptionModel
-    from bbservice.pruning import export_pruned_caption, export_pruned_music
+    from export.pruned import export_pruned_caption, export_pruned_music
 
     def checkpoint(model, kind: str) -> tuple[Path, dict]:
         folder = tmp_path / f"{kind}_checkpoint"
-        folder.mkdir()
         config = {"kind": kind, "model": model.config.to_dict()}
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(config))
+        checkpoints.save_checkpoint(folder, model, config)
         return folder, config
 
     music = sparse_music_model("bbeta5", seed=4)

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bbservice import checkpoints
 from bbservice.cli import main
 from bbservice.gates import GateConfig
-from bbservice.models.caption import CaptionConfig, CaptionModel
-from training.caption_data import Vocabulary
+from bbservice.models.caption import CaptionConfig
+from bbservice.vocab import Vocabulary
 from training.scenes import generate_scenes
 from training.train_caption import CaptionTrainConfig, train
 
@@ -90,7 +91,7 @@ def test_training_writes_best_last_logs_and_curves(trained):
     config = json.loads((trained / "best" / "config.json").read_text())
     assert config["kind"] == "caption" and config["train"]["epochs"] == 2
     vocab = Vocabulary.from_json(trained / "best" / "vocab.json")
-    model = CaptionModel.from_checkpoint(trained)
+    model = checkpoints.load_caption_model(trained)[0]
     assert model.config.vocab_size == len(vocab) and model.config.gate.family == "bbeta5"
 
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bbservice import checkpoints
 from bbservice.decoding import beam_search, greedy, sample_gate_passes
 from bbservice.errors import BBServiceError, ConfigError
 from bbservice.images import load_image, preprocess
-from bbservice.models.caption import END_ID, START_ID, TorchCaptionStepper
+from bbservice.models.caption import TorchCaptionStepper
+from bbservice.vocab import END_ID, START_ID
 from training import common
-from training.eval_caption import load_caption_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sample_gates < 0 or args.batch_size < 1:
         raise ConfigError("--sample-gates must be >= 0 and --batch-size >= 1")
     device = common.pick_device(args.device)
-    model, vocab, _ = load_caption_checkpoint(args.checkpoint, device)
+    model, vocab, _ = checkpoints.load_caption(args.checkpoint, device)
     cfg = model.config
     if args.sample_gates and not model.decoder.cell.gate.stochastic:
         log.warning(

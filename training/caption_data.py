@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import string
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,12 @@ from torch.utils.data import Dataset
 
 from bbservice.errors import DataError
 from bbservice.images import load_image, normalize, resize_image
+from bbservice.vocab import Vocabulary
 
 __all__ = [
     "CaptionEvalDataset",
     "CaptionItem",
     "CaptionTrainDataset",
-    "Vocabulary",
     "collate_eval",
     "collate_train",
     "get_split",
@@ -210,74 +209,6 @@ def get_split(
         have = ", ".join(f"{k} ({len(v)})" for k, v in splits.items()) or "none"
         raise DataError(f"{source}: split {split!r} is empty or absent (splits: {have})")
     return items
-
-
-# ----------------------------------------------------------------------------- vocabulary
-
-
-class Vocabulary:
-    """Word <-> id map with ``<pad>`` = 0, ``<start>`` = 1, ``<end>`` = 2, ``<unk>`` = 3."""
-
-    PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
-    SPECIALS = (PAD, START, END, UNK)
-    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
-
-    def __init__(self, words: Iterable[str]) -> None:
-        words = [w for w in words if w not in self.SPECIALS]
-        self.itos: list[str] = [*self.SPECIALS, *words]
-        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
-        if len(self.stoi) != len(self.itos):
-            raise DataError("vocabulary: duplicate words")
-
-    @classmethod
-    def build(cls, captions: Iterable[Sequence[str]], min_count: int = 5) -> Vocabulary:
-        """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
-        counts = Counter(w for cap in captions for w in cap)
-        kept = sorted(
-            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
-        )
-        return cls(kept)
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def __contains__(self, word: object) -> bool:
-        return word in self.stoi
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.itos == other.itos
-
-    def encode(self, tokens: Sequence[str], max_len: int | None = None) -> list[int]:
-        """``[<start>, ids of tokens[:max_len] (<unk> if unknown), <end>]``."""
-        tokens = tokens if max_len is None else tokens[:max_len]
-        return [self.start_id, *(self.stoi.get(t, self.unk_id) for t in tokens), self.end_id]
-
-    def decode(self, ids: Iterable[int]) -> list[str]:
-        """Words up to the first ``<end>``; ``<start>`` and ``<pad>`` are dropped."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.end_id:
-                break
-            if i in (self.start_id, self.pad_id):
-                continue
-            out.append(self.itos[i] if 0 <= i < len(self.itos) else self.UNK)
-        return out
-
-    def to_json(self, path: str | Path) -> None:
-        """Write ``{"itos": [...]}`` (specials included)."""
-        Path(path).write_text(json.dumps({"itos": self.itos}, ensure_ascii=False, indent=0))
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Vocabulary:
-        path = Path(path)
-        data = _read_json(path)
-        itos = data.get("itos") if isinstance(data, dict) else None
-        if not isinstance(itos, list) or not all(isinstance(w, str) for w in itos):
-            raise DataError(f"{path}: expected {{'itos': [list of words]}}")
-        if tuple(itos[:4]) != cls.SPECIALS:
-            raise DataError(f"{path}: the first four words must be {', '.join(cls.SPECIALS)}")
-        return cls(itos[4:])
 
 
 # ----------------------------------------------------------------------------- datasets

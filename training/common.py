@@ -1,21 +1,15 @@
-"""What every training loop shares: device and precision, seeds, DDP, checkpoints, logs, curves.
+"""What every training run needs: device and precision, seeds, DDP, RNG state, logs, curves.
 
 Distributed training is PyTorch's own: launch with ``torchrun --nproc_per_node N ...``; the
 environment variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) switch on
 ``DistributedDataParallel`` with gloo on the CPU and NCCL on CUDA.
 
-Checkpoint folder layout (``run_dir``)::
+Run folder layout (``--out``)::
 
-    best/model.safetensors   weights of the best validation epoch
-    best/config.json         the typed config of the run (model + training), metrics
-    last/model.safetensors   the last finished epoch, with
-    last/trainer.pt          optimizer, scheduler, RNG states and epoch: what ``--resume`` needs
-    last/config.json
+    best/                    checkpoint of the best validation epoch (:mod:`bbservice.checkpoints`)
+    last/                    the last finished epoch, with ``trainer.pt`` for ``--resume``
     metrics.jsonl            one JSON line per epoch
     curves.png               learning curves
-
-Every folder is written to a temporary sibling and renamed into place, so an interruption
-leaves either the old or the new checkpoint, never half of one.
 """
 
 from __future__ import annotations
@@ -25,19 +19,14 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bbservice.errors import ConfigError, DataError
+from bbservice.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -149,85 +138,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-# -- checkpoints --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """A temporary sibling folder that replaces ``target`` on success and vanishes on failure."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes 0700; a server running as another user must read it
-    try:
-        yield tmp
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Weights as safetensors (contiguous CPU copies)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(state, str(path))
-
-
-def save_checkpoint(
-    folder: Path,
-    model: nn.Module,
-    config: dict,
-    trainer_state: dict | None = None,
-    extra_files: dict[str, str] | None = None,
-) -> None:
-    """Write ``folder`` atomically: weights, ``config.json``, optional ``trainer.pt`` and files.
-
-    ``extra_files`` maps file names to text contents (e.g. a vocabulary).
-    """
-    with atomic_dir(Path(folder)) as tmp:
-        save_weights(model, tmp / "model.safetensors")
-        write_json(tmp / "config.json", config)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer.pt")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-
-
-def load_checkpoint_config(folder: str | Path) -> dict:
-    """The ``config.json`` of a checkpoint folder, with a clear error if it is not one."""
-    folder = Path(folder)
-    path = folder / "config.json"
-    if not folder.exists():
-        raise DataError(f"checkpoint '{folder}' does not exist")
-    if not path.exists() or not (folder / "model.safetensors").exists():
-        raise DataError(
-            f"'{folder}' is not a checkpoint folder (needs config.json and model.safetensors)"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"corrupt checkpoint config '{path}': {err}") from err
-
-
-def load_weights(model: nn.Module, folder: str | Path, device: torch.device | str = "cpu") -> None:
-    """Load ``model.safetensors`` of a checkpoint folder into ``model``."""
-    state = load_file(str(Path(folder) / "model.safetensors"), device=str(device))
-    unwrap(model).load_state_dict(state)
+# -- RNG state (for resume) ---------------------------------------------------------------------
 
 
 def rng_state() -> dict:

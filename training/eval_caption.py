@@ -17,20 +17,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from bbservice import checkpoints
 from bbservice.decoding import beam_search, greedy
 from bbservice.errors import ConfigError
-from bbservice.models.caption import (
-    END_ID,
-    START_ID,
-    CaptionModel,
-    TorchCaptionStepper,
-    checkpoint_folder,
-)
+from bbservice.models.caption import CaptionModel, TorchCaptionStepper
+from bbservice.vocab import END_ID, START_ID, Vocabulary
 from training import common
 from training.caption_data import (
     CaptionEvalDataset,
     CaptionItem,
-    Vocabulary,
     collate_eval,
     get_split,
     load_karpathy,
@@ -137,20 +132,6 @@ def evaluate(
     return {"metrics": metrics, "ce": ce, "captions": captions}
 
 
-def load_caption_checkpoint(
-    folder: str | Path, device: torch.device | str = "cpu"
-) -> tuple[CaptionModel, Vocabulary, Path]:
-    """(model in eval mode, vocabulary, the checkpoint folder) from a checkpoint or run folder."""
-    folder = checkpoint_folder(folder)
-    model = CaptionModel.from_checkpoint(folder, device)
-    vocab = Vocabulary.from_json(folder / "vocab.json")
-    if len(vocab) != model.config.vocab_size:
-        raise ConfigError(
-            f"{folder}: vocab.json has {len(vocab)} words but the model {model.config.vocab_size}"
-        )
-    return model, vocab, folder
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (or run folder)")
     parser.add_argument("--data", required=True, help="Karpathy-format JSON")
@@ -172,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if args.beam < 1 or args.batch_size < 1 or args.max_images < 0:
         raise ConfigError("--beam and --batch-size must be >= 1 and --max-images >= 0")
     device = common.pick_device(args.device)
-    model, vocab, folder = load_caption_checkpoint(args.checkpoint, device)
+    model, vocab, folder = checkpoints.load_caption(args.checkpoint, device)
     splits = load_karpathy(args.data, args.image_root)
     items = get_split(splits, args.split, args.data)
     if args.max_images:
@@ -208,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {items[i].image_path.name}: {text}")
     prune = None
     if model.config.sparse:
-        from training.prune_report import caption_prune_report, format_report
+        from bbservice.prune_report import caption_prune_report, format_report
 
         prune = caption_prune_report(model)
         print(format_report(prune))
@@ -229,6 +210,6 @@ def run(args: argparse.Namespace) -> int:
         }
         if prune is not None:
             report["prune"] = prune["totals"]
-        common.write_json(Path(args.out), report)
+        checkpoints.write_json(Path(args.out), report)
         print(f"wrote {args.out}")
     return 0

@@ -8,10 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
+from bbservice import checkpoints
 from training import common
-from training.checkpoints import load_music_checkpoint
+from training.music_batches import evaluate_nll
 from training.music_data import load_music, trivial_baseline_nll
-from training.music_loop import evaluate_nll
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def evaluate(
 ) -> dict:
     """Mean-gate (and optionally Monte-Carlo) NLL of a split, with the trivial baseline."""
     device = common.pick_device(device)
-    model, config = load_music_checkpoint(checkpoint, device)
+    model, config = checkpoints.load_music(checkpoint, device)
     data = data or config["train"]["data"]
     splits = load_music(data)
     seqs = splits.split(split)
@@ -56,7 +56,7 @@ def evaluate(
         )
         result.update({"nll_monte_carlo": mc_total / frames, "samples": samples, "seed": seed})
     if getattr(model.config, "sparse", False):
-        from training.prune_report import format_report, prune_report
+        from bbservice.prune_report import format_report, prune_report
 
         report = prune_report(model)
         print(format_report(report), file=sys.stderr)  # stdout stays JSON
@@ -76,5 +76,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result, indent=2))
     if args.json:
-        common.write_json(Path(args.json), result)
+        checkpoints.write_json(Path(args.json), result)
     return 0

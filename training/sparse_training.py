@@ -97,7 +97,7 @@ class SparseKLSchedule:
 def publish_report(report: dict, out: Path) -> dict:
     """Print the pruning report and write ``prune_report.json`` into the run folder and its
     ``best/`` checkpoint (which the report describes); returns the totals."""
-    from training.prune_report import format_report, write_report
+    from bbservice.prune_report import format_report, write_report
 
     print(format_report(report))
     write_report(report, out)

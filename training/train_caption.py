@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -31,20 +30,21 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from bbservice import checkpoints
 from bbservice.errors import ConfigError, DataError
-from bbservice.gates import GAMMA_SAMPLERS, GATE_FAMILIES, GateConfig
 from bbservice.models.caption import ENCODER_ARCHS, CaptionConfig, CaptionModel
-from training import common, sparse_training
+from bbservice.prune_report import caption_prune_report
+from bbservice.vocab import VOCAB_FILE, Vocabulary
+from training import common, options, sparse_training
 from training.caption_data import (
     CaptionEvalDataset,
     CaptionTrainDataset,
-    Vocabulary,
     collate_train,
     get_split,
     load_karpathy,
 )
 from training.eval_caption import evaluate
-from training.prune_report import caption_prune_report
+from training.loop import TrainingLoop, Validation
 from training.sparse_training import SparseKLSchedule, publish_report
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-workers", type=int, default=d.num_workers)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--gate", default="bbeta5", choices=GATE_FAMILIES, help="gate family")
+    options.add_gate_arguments(model, kl_help="λ of the Gamma prior (Beta gate families)")
     model.add_argument("--hidden", type=int, default=m.hidden_size, help="LSTM hidden size")
     model.add_argument("--embed-dim", type=int, default=m.embed_dim)
     model.add_argument("--attention-dim", type=int, default=m.attention_dim)
@@ -157,48 +157,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=m.attention_reg,
         help="λ of the doubly-stochastic attention regulariser",
     )
-    model.add_argument(
-        "--kl-weight", type=float, default=0.0, help="λ of the Gamma prior (Beta gate families)"
-    )
-    model.add_argument("--kl-alpha0", type=float, default=0.5)
-    model.add_argument("--gamma-sampler", default="marsaglia", choices=GAMMA_SAMPLERS)
-    model.add_argument("--g2-tau", type=float, default=0.9)
     sparse_training.add_arguments(model, d.sparse_kl_weight, d.sparse_kl_warmup)
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=d.epochs)
-    opt.add_argument("--batch-size", type=int, default=d.batch_size)
-    opt.add_argument("--lr", type=float, default=d.lr, help="decoder learning rate")
+    options.add_optimisation_arguments(opt, d, lr_help="decoder learning rate")
     opt.add_argument("--encoder-lr", type=float, default=d.encoder_lr, help="with --fine-tune")
-    opt.add_argument("--lr-decay", type=float, default=d.lr_decay, help="factor on a plateau")
-    opt.add_argument("--patience", type=int, default=d.patience, help="epochs before decay")
-    opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--ss-max", type=float, default=0.0, help="scheduled sampling: top prob.")
     opt.add_argument("--ss-start", type=int, default=d.ss_start, help="first sampled epoch")
     opt.add_argument("--ss-ramp", type=int, default=d.ss_ramp, help="epochs to reach --ss-max")
     opt.add_argument("--val-beam", type=int, default=d.val_beam, help="1: greedy validation")
     opt.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    opt.add_argument(
-        "--early-stop", type=int, default=0, help="stop after N epochs without gain (0: never)"
-    )
 
     run_ = parser.add_argument_group("run")
-    run_.add_argument("--seed", type=int, default=d.seed)
-    run_.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    run_.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    run_.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    options.add_run_arguments(run_, d)
     run_.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> CaptionTrainConfig:
-    gate = GateConfig(
-        family=args.gate,
-        kl_weight=args.kl_weight,
-        kl_alpha0=args.kl_alpha0,
-        gamma_sampler=args.gamma_sampler,
-        g2_tau=args.g2_tau,
-    )
+    gate = options.gate_config(args)
     model = CaptionConfig(
         encoder=args.encoder,
         encoder_weights=args.encoder_weights,
@@ -238,14 +214,6 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _checkpoint_config(cfg: CaptionTrainConfig, model_cfg: CaptionConfig, extra: dict) -> dict:
-    return {"kind": "caption", "model": model_cfg.to_dict(), "train": asdict(cfg), **extra}
-
-
-def _vocab_text(vocab: Vocabulary) -> str:
-    return json.dumps({"itos": vocab.itos}, ensure_ascii=False, indent=0)
-
-
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Torch seed of an epoch: every epoch draws the same captions and gate noise whether or
     not the run was interrupted before it."""
@@ -258,123 +226,134 @@ def train(cfg: CaptionTrainConfig, resume: bool = False) -> dict:
     dist = common.Distributed.from_env(device.type)
     device = dist.device(device)
     try:
-        return _train(cfg, resume, device, dist, Path(cfg.out))
+        return CaptionTraining(cfg, dist, device, resume).fit()
     finally:
         dist.shutdown()
 
 
-def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> dict:
-    splits = load_karpathy(cfg.data, cfg.image_root)
-    train_items = get_split(splits, "train", cfg.data)
-    val_items = get_split(splits, cfg.val_split, cfg.data)
-    if cfg.max_train_images:
-        train_items = train_items[: cfg.max_train_images]
-    if cfg.max_val_images:
-        val_items = val_items[: cfg.max_val_images]
+class CaptionTraining(TrainingLoop):
+    """Teacher forcing (with scheduled sampling); the best epoch has the highest validation
+    CIDEr-D."""
 
-    last = out / "last"
-    resuming = resume and (last / "trainer.pt").is_file()
-    if resume and not resuming:
-        log.info("no %s/trainer.pt: starting a fresh run", last)
-    if resuming:
-        saved = common.load_checkpoint_config(last)
-        model_cfg = CaptionConfig.from_dict(saved["model"])
-        vocab = Vocabulary.from_json(last / "vocab.json")
-        if replace(cfg.model, vocab_size=model_cfg.vocab_size) != model_cfg:
+    best_mode = "max"
+    best_keys = ("best_score", "best_epoch")
+
+    def __init__(self, cfg: CaptionTrainConfig, dist, device, resume: bool = False) -> None:
+        super().__init__(
+            Path(cfg.out), dist, device, epochs=cfg.epochs, early_stop=cfg.early_stop, resume=resume
+        )
+        self.cfg = cfg
+        self.best_metrics: dict = {}
+        self._load_items()
+        self.vocab, self.model_cfg = self._vocabulary_and_model_config()
+        model_cfg = self.model_cfg
+        if not model_cfg.fine_tune and not model_cfg.encoder_weights and dist.is_main:
             log.warning(
-                "--resume: using the model configuration saved in %s, not the one given", last
+                "the encoder is frozen with random weights (no --encoder-weights, no "
+                "--fine-tune): captions will be poor"
             )
-    else:
-        vocab = Vocabulary.build((c for it in train_items for c in it.captions), cfg.min_count)
+        common.seed_everything(cfg.seed)
+        model = CaptionModel.build(model_cfg, load_encoder_weights=not self.resuming)
+        self.model = model.to(device)
+        groups = sparse_training.split_parameters(self.model.decoder, cfg.lr, cfg.sparse_lr_scale)
+        if model_cfg.fine_tune:
+            groups.append({"params": list(self.model.encoder.parameters()), "lr": cfg.encoder_lr})
+        self.optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer,
+            mode="max",
+            factor=cfg.lr_decay,
+            patience=cfg.patience,
+            min_lr=cfg.min_lr,
+        )
+
+    def _load_items(self) -> None:
+        cfg = self.cfg
+        splits = load_karpathy(cfg.data, cfg.image_root)
+        self.train_items = get_split(splits, "train", cfg.data)
+        self.val_items = get_split(splits, cfg.val_split, cfg.data)
+        if cfg.max_train_images:
+            self.train_items = self.train_items[: cfg.max_train_images]
+        if cfg.max_val_images:
+            self.val_items = self.val_items[: cfg.max_val_images]
+
+    def _vocabulary_and_model_config(self) -> tuple[Vocabulary, CaptionConfig]:
+        """Those of last/ when resuming, else a vocabulary built from the training captions."""
+        cfg, last = self.cfg, self.last
+        if self.resuming:
+            saved = checkpoints.read_config(last)
+            model_cfg = CaptionConfig.from_dict(saved["model"])
+            vocab = Vocabulary.from_json(last / VOCAB_FILE)
+            if replace(cfg.model, vocab_size=model_cfg.vocab_size) != model_cfg:
+                log.warning(
+                    "--resume: using the model configuration saved in %s, not the one given", last
+                )
+            return vocab, model_cfg
+        captions = (c for it in self.train_items for c in it.captions)
+        vocab = Vocabulary.build(captions, cfg.min_count)
         if len(vocab) <= len(Vocabulary.SPECIALS):
             raise DataError(
                 f"{cfg.data}: no word occurs {cfg.min_count} times in the training captions"
             )
-        model_cfg = replace(cfg.model, vocab_size=len(vocab))
+        return vocab, replace(cfg.model, vocab_size=len(vocab))
 
-    if not model_cfg.fine_tune and not model_cfg.encoder_weights and dist.is_main:
-        log.warning(
-            "the encoder is frozen with random weights (no --encoder-weights, no --fine-tune): "
-            "captions will be poor"
+    def prepare(self) -> None:
+        cfg, model_cfg, dist = self.cfg, self.model_cfg, self.dist
+        self.train_ds = CaptionTrainDataset(
+            self.train_items,
+            self.vocab,
+            max_len=model_cfg.max_length,
+            image_size=model_cfg.image_size,
+            cache=cfg.cache_images,
         )
-    common.seed_everything(cfg.seed)
-    model = CaptionModel.build(model_cfg, load_encoder_weights=not resuming).to(device)
-    groups = sparse_training.split_parameters(model.decoder, cfg.lr, cfg.sparse_lr_scale)
-    if model_cfg.fine_tune:
-        groups.append({"params": list(model.encoder.parameters()), "lr": cfg.encoder_lr})
-    optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.patience, min_lr=cfg.min_lr
-    )
-    start_epoch, best_score, best_epoch, best_metrics = 1, -math.inf, 0, {}
-    metrics_path = out / "metrics.jsonl"
-    if resuming:
-        common.load_weights(model, last, device)
-        state = torch.load(last / "trainer.pt", weights_only=False, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        common.set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        best_score, best_epoch = state["best_score"], state["best_epoch"]
-        best_metrics = state.get("best_metrics", {})
+        self.val_ds = None
         if dist.is_main:
-            common.truncate_jsonl(metrics_path, state["epoch"])
-        log.info("resuming after epoch %d (best val CIDEr-D %.4f)", state["epoch"], best_score)
-    elif dist.is_main and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
+            self.val_ds = CaptionEvalDataset(
+                self.val_items, model_cfg.image_size, cache=cfg.cache_images, name=cfg.val_split
+            )
+        self.sparse = None
+        if model_cfg.sparse:
+            targets = self.train_ds.targets_per_epoch()
+            self.sparse = SparseKLSchedule(cfg.sparse_kl_weight, cfg.sparse_kl_warmup, targets)
+        use_scaler = self.device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.ddp_model = dist.wrap(self.model)
+        self.counts = self.model.parameter_counts()
+        if dist.is_main:
+            log.info(
+                "caption: %s gates, hidden %d, %d words, parameters %s, %d train / %d val "
+                "images, device %s, %d process(es)",
+                model_cfg.gate.family,
+                model_cfg.hidden_size,
+                len(self.vocab),
+                self.counts,
+                len(self.train_items),
+                len(self.val_items),
+                self.device,
+                dist.world_size,
+            )
 
-    train_ds = CaptionTrainDataset(
-        train_items,
-        vocab,
-        max_len=model_cfg.max_length,
-        image_size=model_cfg.image_size,
-        cache=cfg.cache_images,
-    )
-    val_ds = None
-    if dist.is_main:
-        val_ds = CaptionEvalDataset(
-            val_items, model_cfg.image_size, cache=cfg.cache_images, name=cfg.val_split
-        )
-    sparse = None
-    if model_cfg.sparse:
-        sparse = SparseKLSchedule(
-            cfg.sparse_kl_weight, cfg.sparse_kl_warmup, train_ds.targets_per_epoch()
-        )
-    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    ddp_model = dist.wrap(model)
-    counts = model.parameter_counts()
-    if dist.is_main:
-        log.info(
-            "caption: %s gates, hidden %d, %d words, parameters %s, %d train / %d val images, "
-            "device %s, %d process(es)",
-            model_cfg.gate.family,
-            model_cfg.hidden_size,
-            len(vocab),
-            counts,
-            len(train_items),
-            len(val_items),
-            device,
-            dist.world_size,
-        )
-
-    epochs_without_gain = 0
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, dist.rank))
+    def _loader(self, epoch: int) -> DataLoader:
+        cfg, dist = self.cfg, self.dist
         if dist.enabled:
-            sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed)
+            sampler = DistributedSampler(self.train_ds, shuffle=True, seed=cfg.seed)
             sampler.set_epoch(epoch)
         else:
             order = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 0))
-            sampler = RandomSampler(train_ds, generator=order)
-        loader = DataLoader(
-            train_ds,
+            sampler = RandomSampler(self.train_ds, generator=order)
+        return DataLoader(
+            self.train_ds,
             batch_size=cfg.batch_size,
             sampler=sampler,
             collate_fn=collate_train,
             num_workers=cfg.num_workers,
         )
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, dist, model, device = self.cfg, self.dist, self.model, self.device
+        started = time.perf_counter()
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch, dist.rank))
+        loader = self._loader(epoch)
         ss_prob = cfg.sampling_probability(epoch)
         model.train()
         sums = {"ce": 0.0, "attention": 0.0, "kl": 0.0, "tokens": 0.0}
@@ -390,114 +369,126 @@ def _train(cfg: CaptionTrainConfig, resume: bool, device, dist, out: Path) -> di
         for step, (images, captions, lengths, _) in enumerate(bar):
             images, captions, lengths = images.to(device), captions.to(device), lengths.to(device)
             with common.autocast(device, cfg.amp):
-                outputs = ddp_model(images, captions, lengths, sample_prob=ss_prob)
+                outputs = self.ddp_model(images, captions, lengths, sample_prob=ss_prob)
             loss = model.loss(outputs, captions, lengths)
             total = loss.total
-            if sparse is not None:
-                total = total + sparse.loss(cell.kl(), epoch, step / max(len(bar), 1))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
+            if self.sparse is not None:
+                total = total + self.sparse.loss(cell.kl(), epoch, step / max(len(bar), 1))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)  # after backward()
-            scaler.step(optimizer)
-            scaler.update()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             for key in ("ce", "attention", "kl"):
                 sums[key] += float(getattr(loss, key).detach()) * loss.tokens
             sums["tokens"] += loss.tokens
             bar.set_postfix(ce=f"{sums['ce'] / sums['tokens']:.3f}")
         ce, att, kl, n_tokens = dist.sum(sums["ce"], sums["attention"], sums["kl"], sums["tokens"])
-        train_seconds = time.perf_counter() - started
+        return {
+            "train_ce": ce / max(n_tokens, 1),
+            "train_attention_reg": att / max(n_tokens, 1),
+            "train_kl_per_token": kl / max(n_tokens, 1),
+            "ss_prob": ss_prob,
+            "epoch_seconds": time.perf_counter() - started,
+        }
 
-        score, record = 0.0, {}
-        if dist.is_main:
+    def validate(self, epoch: int, train: dict[str, float]) -> Validation:
+        """CIDEr-D of the validation split on the main process (the score goes to all)."""
+        cfg, score, record = self.cfg, 0.0, {}
+        started = time.perf_counter()
+        if self.dist.is_main:
             result = evaluate(
-                model,
-                vocab,
-                val_items,
+                self.model,
+                self.vocab,
+                self.val_items,
                 beam=cfg.val_beam,
                 batch_size=cfg.eval_batch_size,
-                device=device,
-                dataset=val_ds,
+                device=self.device,
+                dataset=self.val_ds,
                 progress=cfg.progress,
             )
             val = result["metrics"]
             score = val["CIDEr-D"]
             record = {
                 "epoch": epoch,
-                "train_ce": ce / max(n_tokens, 1),
-                "train_attention_reg": att / max(n_tokens, 1),
-                "train_kl_per_token": kl / max(n_tokens, 1),
+                "train_ce": train["train_ce"],
+                "train_attention_reg": train["train_attention_reg"],
+                "train_kl_per_token": train["train_kl_per_token"],
                 "val_ce": result["ce"],
                 **{f"val_{k}": v for k, v in val.items()},
-                "lr": optimizer.param_groups[0]["lr"],
-                "ss_prob": ss_prob,
-                "epoch_seconds": train_seconds,
-                "eval_seconds": time.perf_counter() - started - train_seconds,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "ss_prob": train["ss_prob"],
+                "epoch_seconds": train["epoch_seconds"],
+                "eval_seconds": time.perf_counter() - started,
             }
-            if sparse is not None:
+            if self.sparse is not None:
+                cell = self.model.decoder.cell
                 with torch.no_grad():
-                    record.update(sparse.record(cell.kl(), cell.sparsity()))
-        score = dist.sum(score)[0]  # the main process's score, on every process
-        scheduler.step(score)
-        improved = score > best_score
-        if improved:
-            best_score, best_epoch, epochs_without_gain = score, epoch, 0
-            best_metrics = {k: v for k, v in record.items() if k.startswith("val_")}
-        else:
-            epochs_without_gain += 1
-        if dist.is_main:
-            record["best"] = improved
-            extra = {
-                "metrics": {
-                    "epoch": epoch,
-                    **{k: v for k, v in record.items() if k.startswith("val_")},
-                },
-                "parameters": counts,
-                "data": {"path": str(cfg.data), "train_images": len(train_items)},
-            }
-            files = {"vocab.json": _vocab_text(vocab)}
-            checkpoint_config = _checkpoint_config(cfg, model_cfg, extra)
-            if improved:
-                common.save_checkpoint(out / "best", model, checkpoint_config, None, files)
-            # The log line goes first: a crash before last/ is written makes --resume redo
-            # this epoch (and drop the line), never skip it.
-            common.append_jsonl(metrics_path, record)
-            trainer_state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": common.rng_state(),
-                "epoch": epoch,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "best_metrics": best_metrics,
-            }
-            common.save_checkpoint(last, model, checkpoint_config, trainer_state, files)
-            common.plot_curves(
-                common.read_jsonl(metrics_path),
-                out / "curves.png",
-                ["train_ce", "val_ce", "val_BLEU-4", "val_CIDEr-D"],
-                f"captions: {model_cfg.gate.family} gates, hidden {model_cfg.hidden_size}",
-            )
-            log.info(
-                "epoch %d  train ce %.3f  val ce %.3f  BLEU-4 %.3f  CIDEr-D %.3f%s  "
-                "(%.0f s + %.0f s)",
-                epoch,
-                record["train_ce"],
-                record["val_ce"],
-                val["BLEU-4"],
-                score,
-                "  *best*" if improved else "",
-                train_seconds,
-                record["eval_seconds"],
-            )
-        dist.barrier()
-        if cfg.early_stop and epochs_without_gain >= cfg.early_stop:
-            break
+                    record.update(self.sparse.record(cell.kl(), cell.sparsity()))
+        return Validation(self.dist.sum(score)[0], record)
 
-    summary = {"best_epoch": best_epoch, "best_val": best_metrics, "parameters": counts}
-    if dist.is_main:
-        if sparse is not None and (out / "best").exists():
-            common.load_weights(model, out / "best", device)  # the report is of best/
-            summary["prune"] = publish_report(caption_prune_report(model), out)
-        common.write_json(out / "summary.json", summary)
-    return summary
+    def save_epoch(self, epoch: int, record: dict, improved: bool) -> None:
+        if improved:
+            self.best_metrics = _val_metrics(record)
+        super().save_epoch(epoch, record, improved)
+
+    def checkpoint_config(self, epoch: int, record: dict) -> dict:
+        return {
+            "kind": "caption",
+            "model": self.model_cfg.to_dict(),
+            "train": asdict(self.cfg),
+            "metrics": {"epoch": epoch, **_val_metrics(record)},
+            "parameters": self.counts,
+            "data": {"path": str(self.cfg.data), "train_images": len(self.train_items)},
+        }
+
+    def checkpoint_files(self) -> dict[str, str]:
+        return {VOCAB_FILE: json.dumps({"itos": self.vocab.itos}, ensure_ascii=False, indent=0)}
+
+    def trainer_state(self, epoch: int) -> dict:
+        return {**super().trainer_state(epoch), "best_metrics": self.best_metrics}
+
+    def load_trainer_state(self, state: dict) -> None:
+        super().load_trainer_state(state)
+        self.best_metrics = state.get("best_metrics", {})
+
+    def plot(self) -> None:
+        model_cfg = self.model_cfg
+        common.plot_curves(
+            common.read_jsonl(self.metrics_path),
+            self.out / "curves.png",
+            ["train_ce", "val_ce", "val_BLEU-4", "val_CIDEr-D"],
+            f"captions: {model_cfg.gate.family} gates, hidden {model_cfg.hidden_size}",
+        )
+
+    def log_epoch(self, epoch: int, record: dict, improved: bool) -> None:
+        log.info(
+            "epoch %d  train ce %.3f  val ce %.3f  BLEU-4 %.3f  CIDEr-D %.3f%s  (%.0f s + %.0f s)",
+            epoch,
+            record["train_ce"],
+            record["val_ce"],
+            record["val_BLEU-4"],
+            record["val_CIDEr-D"],
+            "  *best*" if improved else "",
+            record["epoch_seconds"],
+            record["eval_seconds"],
+        )
+
+    def finish(self) -> dict:
+        summary = {
+            "best_epoch": self.best.epoch,
+            "best_val": self.best_metrics,
+            "parameters": self.counts,
+        }
+        if self.dist.is_main:
+            out = self.out
+            if self.sparse is not None and (out / "best").exists():
+                checkpoints.load_weights(self.model, out / "best", self.device)  # best/'s report
+                summary["prune"] = publish_report(caption_prune_report(self.model), out)
+            checkpoints.write_json(out / "summary.json", summary)
+        return summary
+
+
+def _val_metrics(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.startswith("val_")}

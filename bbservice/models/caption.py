@@ -23,7 +23,6 @@ to ONNX. :class:`TorchCaptionStepper` drives it from the NumPy decoders of
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bbservice.cells import GatedLSTMCell
-from bbservice.errors import ConfigError, DataError
+from bbservice.errors import ConfigError, DataError, first_line
 from bbservice.gates import GateConfig, resolve_gate_mode
 
 ENCODER_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -47,7 +46,6 @@ _STAGE_CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
     "resnet152": (256, 512, 1024, 2048),
 }
-START_ID, END_ID, PAD_ID = 1, 2, 0  # the ids of training.caption_data.Vocabulary
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,8 +167,7 @@ def load_resnet_weights(net: nn.Module, path: str | Path, arch: str) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, pickle and zip readers raise many types
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{path}: not a readable weights file ({detail})") from err
+        raise DataError(f"{path}: not a readable weights file ({first_line(err)})") from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -286,22 +283,22 @@ class AttentionDecoder(nn.Module):
 
     def __init__(self, config: CaptionConfig) -> None:
         super().__init__()
-        c = config
-        if c.vocab_size < 5:
+        cfg = config
+        if cfg.vocab_size < 5:
             raise ConfigError("the decoder needs vocab_size (set it from the vocabulary)")
-        C, H = c.feature_dim, c.hidden_size
-        self.config = c
-        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
-        self.attention = SoftAttention(C, H, c.attention_dim)
+        C, H = cfg.feature_dim, cfg.hidden_size
+        self.config = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.attention = SoftAttention(C, H, cfg.attention_dim)
         self.init_h = nn.Linear(C, H)
         self.init_c = nn.Linear(C, H)
         self.f_beta = nn.Linear(H, 1)  # SAT's gating scalar β
         cell_class = GatedLSTMCell
-        if c.sparse:
+        if cfg.sparse:
             from bbservice.sparse import SparseGatedLSTMCell as cell_class
-        self.cell = cell_class(c.embed_dim + C, H, gate=c.gate)
-        self.dropout = nn.Dropout(c.dropout)
-        self.fc = nn.Linear(H, c.vocab_size)
+        self.cell = cell_class(cfg.embed_dim + C, H, gate=cfg.gate)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(H, cfg.vocab_size)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)
         nn.init.zeros_(self.fc.bias)
@@ -536,52 +533,6 @@ class CaptionModel(nn.Module):
             "total": sum(p.numel() for p in self.parameters()),
             "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
         }
-
-    @classmethod
-    def from_checkpoint(
-        cls, folder: str | Path, device: torch.device | str = "cpu"
-    ) -> CaptionModel:
-        """The model of a checkpoint folder (``best/``, ``last/`` or a run folder), in eval mode.
-
-        The folder holds ``config.json`` (``{"kind": "caption", "model": {...}}``) and
-        ``model.safetensors``; the encoder's weights come from the checkpoint, so
-        ``encoder_weights`` is not read again.
-        """
-        from safetensors.torch import load_file
-
-        folder = checkpoint_folder(folder)
-        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-        if not folder.is_dir():
-            raise DataError(f"checkpoint '{folder}' does not exist")
-        if not config_path.is_file() or not weights_path.is_file():
-            raise DataError(
-                f"'{folder}' is not a checkpoint folder (needs config.json and model.safetensors)"
-            )
-        try:
-            data = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"{config_path}: corrupt checkpoint config ({err})") from err
-        if not isinstance(data, dict) or data.get("kind", "caption") != "caption":
-            kind = data.get("kind") if isinstance(data, dict) else None
-            raise DataError(f"checkpoint '{folder}' is a {kind!r} model, not caption")
-        if not isinstance(data.get("model"), dict):
-            raise DataError(f"{config_path}: no 'model' section")
-        config = CaptionConfig.from_dict(data["model"])
-        model = cls.build(config, load_encoder_weights=False)
-        try:
-            model.load_state_dict(load_file(str(weights_path), device=str(device)))
-        except Exception as err:
-            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise DataError(f"{weights_path}: weights do not load ({detail})") from err
-        return model.to(device).eval()
-
-
-def checkpoint_folder(folder: str | Path) -> Path:
-    """A checkpoint folder itself, or the ``best/`` checkpoint of a run folder."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() and (folder / "best" / "config.json").is_file():
-        return folder / "best"
-    return folder
 
 
 def count_decoder_parameters(config: CaptionConfig) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -205,3 +206,41 @@ def probability_nll_sum(probs: Tensor, targets: Tensor, mask: Tensor | None = No
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class TorchMusicStepper:
+    """A music stepper (:func:`bbservice.music_generation.generate_rolls`) over a
+    :class:`PianoRollModel` in PyTorch: the counterpart of ``OnnxMusicStepper``, as
+    :class:`~bbservice.models.caption.TorchCaptionStepper` is for captions.
+
+    ``start(B)`` returns the zero state ``{"h", "c": (L, B, H)}``; ``step(frame (B, 88), state)``
+    runs :meth:`PianoRollModel.step` and returns key probabilities ``(B, 88)`` float32 and the
+    new state. ``gate_mode="sample"`` draws the gates from a torch Generator seeded with
+    ``seed`` (the stochastic mode of ``bbservice generate music`` and of the service).
+    """
+
+    def __init__(
+        self,
+        model: PianoRollModel,
+        gate_mode: str = "mean",
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model, self.gate_mode = model, gate_mode
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.matmuls = None
+
+    @torch.no_grad()
+    def start(self, batch: int) -> dict[str, Tensor]:
+        self.matmuls = [cell.recurrent_matmuls(batch) for cell in self.model.rnn.cells]
+        h, c = self.model.zero_state(batch, self.device)
+        return {"h": h, "c": c}
+
+    @torch.no_grad()
+    def step(self, frame: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        x = torch.as_tensor(np.ascontiguousarray(frame, dtype=np.float32), device=self.device)
+        probs, h, c = self.model.step(
+            x, state["h"], state["c"], self.gate_mode, self.matmuls, self.generator
+        )
+        return probs.float().cpu().numpy(), {"h": h, "c": c}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bbservice import checkpoints
 from bbservice.gates import BETA_FAMILIES, alpha_from_preactivation
 from bbservice.models.music import count_parameters
 from bbservice.pruning import (
@@ -26,7 +27,6 @@ from bbservice.pruning import (
     prune_to_dense,
 )
 from bbservice.sparse import GATE_DEPENDENCIES, PRUNE_THRESHOLD, SparseGatedLSTMCell, block_names
-from training import common
 
 REPORT_NAME = "prune_report.json"
 
@@ -215,5 +215,5 @@ def format_report(report: dict) -> str:
 def write_report(report: dict, folder: str | Path) -> Path:
     """Write ``prune_report.json`` into ``folder``; returns its path."""
     path = Path(folder) / REPORT_NAME
-    common.write_json(path, report)
+    checkpoints.write_json(path, report)
     return path

@@ -1,0 +1,72 @@
+"""The command-line options both trainers share, defined once.
+
+Each trainer passes its own defaults (from its typed config) and keeps only the options that
+are its own (data, model shape, scheduled sampling, transpositions, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bbservice.errors import ConfigError
+from bbservice.gates import BETA_FAMILIES, GAMMA_SAMPLERS, GATE_FAMILIES, GateConfig
+
+Parser = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def add_gate_arguments(parser: Parser, *, kl_help: str) -> None:
+    """``--gate`` and the Beta-gate hyper-parameters (``--kl-weight`` ... ``--g2-tau``)."""
+    parser.add_argument("--gate", default="bbeta5", choices=GATE_FAMILIES, help="gate family")
+    parser.add_argument("--kl-weight", type=float, default=0.0, help=kl_help)
+    parser.add_argument("--kl-alpha0", type=float, default=0.5)
+    parser.add_argument("--gamma-sampler", default="marsaglia", choices=GAMMA_SAMPLERS)
+    parser.add_argument("--g2-tau", type=float, default=0.9)
+
+
+def gate_config(args: argparse.Namespace) -> GateConfig:
+    """The :class:`GateConfig` of the gate options (``--reference-eps`` where a trainer has it)."""
+    if args.gate not in BETA_FAMILIES and args.kl_weight:
+        raise ConfigError(f"--kl-weight needs a Beta gate family, not {args.gate!r}")
+    return GateConfig(
+        family=args.gate,
+        kl_weight=args.kl_weight,
+        kl_alpha0=args.kl_alpha0,
+        gamma_sampler=args.gamma_sampler,
+        reference_sample_eps=getattr(args, "reference_eps", False),
+        g2_tau=args.g2_tau,
+    )
+
+
+def add_optimisation_arguments(parser: Parser, defaults, *, lr_help: str | None = None) -> None:
+    """Epochs, batch size, Adam, learning-rate decay on a plateau, clipping, early stop.
+
+    ``defaults``: the trainer's config (its ``epochs``, ``batch_size``, ``lr``, ...).
+    """
+    d = defaults
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="sequences or images per batch"
+    )
+    parser.add_argument("--lr", type=float, default=d.lr, help=lr_help)
+    parser.add_argument(
+        "--lr-decay", type=float, default=d.lr_decay, help="factor on a validation plateau"
+    )
+    parser.add_argument(
+        "--patience", type=int, default=d.patience, help="epochs without gain before a decay"
+    )
+    parser.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument(
+        "--early-stop",
+        type=int,
+        default=0,
+        help="stop after this many epochs without improvement (0: never)",
+    )
+
+
+def add_run_arguments(parser: Parser, defaults) -> None:
+    """Seed, device, mixed precision and ``--resume``."""
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
