@@ -31,18 +31,15 @@ from bbservice.pianoroll import parse_primer, rolls_to_midi_bytes
 from bbservice.service import answers, slots
 from bbservice.service.batching import CaptionBatcher
 from bbservice.service.http import HTTPError, RequestGuard, answers_errors
-from bbservice.service.schemas import CaptionResponse, Mode, MusicResponse
+from bbservice.service.schemas import CaptionResponse, Mode, MusicRequest, MusicResponse, Seed
 from bbservice.service.settings import (
     KINDS,
     MAX_BEAM,
     MAX_CAPTION_WORDS,
     MAX_CONCURRENCY,
-    MAX_FRAMES,
-    MAX_OUTPUTS,
     MAX_PRIMER_BYTES,
     MAX_PRIMER_FRAMES,
     MAX_SAMPLES,
-    MAX_SEED,
     MAX_TOTAL_FRAMES,
     REQUEST_TIMEOUT_S,
     WARMUP_WAIT_S,
@@ -55,14 +52,6 @@ log = logging.getLogger("bbservice.service")
 # The optional `primer` file field has default None, which BentoML's file serializer cannot
 # show in the JSON schema; pydantic warns about that on every schema build.
 warnings.filterwarnings("ignore", message="Unable to serialize value None with the plain serial")
-
-Frames = Annotated[int, Field(ge=1, le=MAX_FRAMES, description="new frames")]
-Temperature = Annotated[float, Field(ge=0.05, le=10.0)]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-Tempo = Annotated[float, Field(ge=20.0, le=400.0, description="quarter notes/min")]
-Outputs = Annotated[int, Field(ge=1, le=MAX_OUTPUTS)]
-# Optional (None when not sent); BentoML 1.4 cannot take Optional[Path] file fields.
-Primer = Annotated[Path, Field(description="MIDI file to continue")]
 
 
 @bentoml.service(
@@ -236,7 +225,7 @@ class BBService:
     # -- music ------------------------------------------------------------------------------
 
     @staticmethod
-    def _music_params(frames, temperature, seed, tempo, num_outputs, mode) -> dict:
+    def _music_params(*, frames, temperature, seed, tempo, num_outputs, mode) -> dict:
         if frames * num_outputs > MAX_TOTAL_FRAMES:
             raise ConfigError(
                 f"frames x num_outputs = {frames * num_outputs} is more than the limit of "
@@ -284,54 +273,44 @@ class BBService:
             "X-BBService-Params": json.dumps({**params, "primer_frames": primer_frames}),
         }
 
-    @bentoml.api(route="/generate")
+    async def _music_answer(self, request: dict) -> tuple[ModelSlot, np.ndarray, dict, int]:
+        """(slot, rolls, params, primer frames) of a music request."""
+        primer = request.pop("primer")
+        params = self._music_params(**request)
+        slot, rolls, primer_frames = await self._music(params, primer)
+        return slot, rolls, params, primer_frames
+
+    @bentoml.api(route="/generate", input_spec=MusicRequest)
     @answers_errors
     async def generate(
-        self,
-        frames: Frames = 64,
-        temperature: Temperature = 1.0,
-        seed: Seed = 0,
-        tempo: Tempo = 100.0,
-        num_outputs: Outputs = 1,
-        primer: Primer = None,
-        mode: Mode = "mean",
+        self, **request: Any
     ) -> Annotated[Path, bentoml.validators.ContentType("audio/midi")]:
         """Generate music as a MIDI file (``audio/midi``). With ``num_outputs > 1`` the pieces
         follow one another, a bar of silence apart, each starting at a text event "output k".
         The model hash, parameters and seed are in ``X-BBService-*`` headers and in a text event
         at time 0."""
-        params = self._music_params(frames, temperature, seed, tempo, num_outputs, mode)
-        slot, rolls, primer_frames = await self._music(params, primer)
+        slot, rolls, params, primer_frames = await self._music_answer(request)
         data = await self._in_thread(self.prep_limiter, self._midi, slot, rolls, params)
         headers = self._music_headers(slot, params, primer_frames)
-        headers["Content-Disposition"] = f'attachment; filename="bbservice-seed{seed}.mid"'
+        name = f"bbservice-seed{params['seed']}.mid"
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
         return Response(data, media_type="audio/midi", headers=headers)
 
-    @bentoml.api(route="/generate_json")
+    @bentoml.api(route="/generate_json", input_spec=MusicRequest)
     @answers_errors
-    async def generate_json(
-        self,
-        frames: Frames = 64,
-        temperature: Temperature = 1.0,
-        seed: Seed = 0,
-        tempo: Tempo = 100.0,
-        num_outputs: Outputs = 1,
-        primer: Primer = None,
-        mode: Mode = "mean",
-    ) -> MusicResponse:
+    async def generate_json(self, **request: Any) -> MusicResponse:
         """Generate music as JSON: per output its notes (MIDI pitch, start/end in frames and
         seconds; the primer's frames come first) and a base64 PNG piano roll."""
-        params = self._music_params(frames, temperature, seed, tempo, num_outputs, mode)
-        slot, rolls, primer_frames = await self._music(params, primer)
+        slot, rolls, params, primer_frames = await self._music_answer(request)
         outputs = await self._in_thread(
             self.prep_limiter, answers.music_outputs, slot, rolls, params, primer_frames
         )
         body = {
             "outputs": outputs,
-            "mode": mode,
+            "mode": params["mode"],
             "model": slot.identity(self.settings.precision),
             "params": {**params, "primer_frames": primer_frames},
-            "seed": seed,
+            "seed": params["seed"],
             "grid": slot.export.grid,
         }
         return JSONResponse(body, headers=self._music_headers(slot, params, primer_frames))

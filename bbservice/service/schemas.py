@@ -1,12 +1,33 @@
-"""Response documentation (OpenAPI); the endpoints answer with JSON of these shapes."""
+"""The request parameters the music endpoints share, and the response documentation
+(OpenAPI): the endpoints answer with JSON of these shapes."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from bbservice.service.settings import MAX_FRAMES, MAX_OUTPUTS, MAX_SEED
 
 Mode = Literal["mean", "stochastic"]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+class MusicRequest(BaseModel):
+    """The parameters of ``/generate`` and ``/generate_json`` (JSON, or multipart with a
+    primer MIDI file)."""
+
+    model_config = ConfigDict(title="Input")  # the schema's name, as for the other endpoints
+
+    frames: Annotated[int, Field(ge=1, le=MAX_FRAMES, description="new frames")] = 64
+    temperature: Annotated[float, Field(ge=0.05, le=10.0)] = 1.0
+    seed: Seed = 0
+    tempo: Annotated[float, Field(ge=20.0, le=400.0, description="quarter notes/min")] = 100.0
+    num_outputs: Annotated[int, Field(ge=1, le=MAX_OUTPUTS)] = 1
+    # Optional (None when not sent); BentoML 1.4 cannot take Optional[Path] file fields.
+    primer: Annotated[Path, Field(description="MIDI file to continue")] = None
+    mode: Mode = "mean"
 
 
 class ModelIdentity(BaseModel):
