@@ -276,3 +276,57 @@ def test_real_nottingham_files():
         roll = load_midi_roll(f, frames_per_beat=4)
         assert roll.ndim == 2 and roll.shape[1] == N_KEYS and roll.any()
         np.testing.assert_array_equal(_roundtrip(roll, frames_per_beat=4), roll)
+
+
+# -- the typed grid, primers and generated music ------------------------------------------------
+
+
+def test_grid_is_typed_and_keeps_its_dict_form():
+    from bbservice.pianoroll import Grid
+
+    beats, seconds = Grid.from_dict({"frames_per_beat": 4}), Grid.from_dict({"fps": 10.0})
+    assert beats.to_dict() == {"frames_per_beat": 4} and seconds.to_dict() == {"fps": 10.0}
+    assert seconds.seconds_per_frame(120.0) == pytest.approx(0.1)
+    assert beats.seconds_per_frame(120.0) == pytest.approx(0.125)  # 0.5 s a beat / 4
+    assert (beats.pause_frames(), seconds.pause_frames()) == (16, 20)
+    assert Grid.of_checkpoint({"data": {"fps": 8}}) == Grid(fps=8)
+    assert Grid.of_checkpoint({}) == Grid(frames_per_beat=1)
+    with pytest.raises(ConfigError, match="exactly one"):
+        Grid(frames_per_beat=2, fps=3)
+
+
+def test_parse_primer_limits_and_round_trip(tmp_path):
+    from bbservice.errors import TooLargeError
+    from bbservice.pianoroll import Grid, parse_primer
+
+    grid = Grid(frames_per_beat=2)
+    roll = np.zeros((6, N_KEYS), dtype=np.uint8)
+    roll[1:4, 39] = 1
+    path = tmp_path / "p.mid"
+    path.write_bytes(midi_bytes(roll, frames_per_beat=2))
+    got = parse_primer(path, grid, max_bytes=1 << 20, max_frames=64)
+    assert np.array_equal(got, roll[: len(got)]) and got[1:4, 39].all()
+    with pytest.raises(TooLargeError, match="more than the limit of 10 bytes"):
+        parse_primer(path, grid, max_bytes=10, max_frames=64)
+    with pytest.raises(DataError, match="more than the limit of 2 frames"):
+        parse_primer(path, grid, max_bytes=1 << 20, max_frames=2)
+    (tmp_path / "bad.mid").write_bytes(b"not midi")
+    with pytest.raises(DataError, match="primer: not a MIDI file"):
+        parse_primer(tmp_path / "bad.mid", grid, max_bytes=1 << 20, max_frames=64)
+
+
+def test_rolls_to_midi_bytes_and_notes():
+    import io
+
+    from bbservice.pianoroll import Grid, roll_notes, rolls_to_midi_bytes
+
+    grid = Grid(fps=4.0)
+    roll = np.zeros((4, N_KEYS), dtype=np.uint8)
+    roll[1:3, 39] = 1
+    data = rolls_to_midi_bytes([roll, roll], grid, tempo=100.0, stamp="hello")
+    pm = pretty_midi.PrettyMIDI(io.BytesIO(data))
+    texts = [(t.text, round(t.time, 3)) for t in pm.text_events]
+    assert ("hello", 0.0) in texts and ("output 1", round((4 + 8) * 0.25, 3)) in texts
+    assert len(pm.instruments[0].notes) == 2
+    notes = roll_notes(roll, grid.seconds_per_frame(100.0))
+    assert notes == [{"pitch": 60, "start_frame": 1, "end_frame": 3, "start": 0.25, "end": 0.75}]

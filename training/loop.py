@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from bbservice import checkpoints
 from training import common
+from training.options import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +103,15 @@ class TrainingLoop:
 
     def __init__(
         self,
-        out: Path,
+        cfg: TrainConfig,
         dist: common.Distributed,
         device: torch.device,
-        *,
-        epochs: int,
-        early_stop: int = 0,
         resume: bool = False,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        self.out, self.dist, self.device = Path(out), dist, device
-        self.epochs, self.early_stop = epochs, early_stop
+        self.cfg = cfg
+        self.out, self.dist, self.device = Path(cfg.out), dist, device
+        self.epochs, self.early_stop = cfg.epochs, cfg.early_stop
         self.callbacks = list(callbacks)
         self.best = Best(self.best_mode)
         self.start_epoch = 1
@@ -226,6 +226,17 @@ class TrainingLoop:
         self.dist.barrier()
         return result, improved
 
+    def progress_bar(self, items: Iterable, desc: str, enabled: bool = True) -> tqdm:
+        """A progress bar over an epoch's batches (main process only)."""
+        return tqdm(
+            items,
+            desc=desc,
+            disable=not (self.dist.is_main and enabled),
+            leave=False,
+            unit="batch",
+            dynamic_ncols=True,
+        )
+
     def should_stop(self) -> bool:
         return bool(self.early_stop) and self.best.epochs_without_gain >= self.early_stop
 
@@ -241,3 +252,15 @@ class TrainingLoop:
         for callback in self.callbacks:
             callback.on_train_end(self, summary)
         return summary
+
+
+def launch(loop_class: type[TrainingLoop], cfg: TrainConfig, resume: bool = False) -> dict:
+    """Pick the device, join the ``torchrun`` process group (if any), train with
+    ``loop_class(cfg, dist, device, resume)`` and leave the group; the summary."""
+    device = common.pick_device(cfg.device)
+    dist = common.Distributed.from_env(device.type)
+    device = dist.device(device)
+    try:
+        return loop_class(cfg, dist, device, resume).fit()
+    finally:
+        dist.shutdown()

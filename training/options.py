@@ -1,15 +1,56 @@
-"""The command-line options both trainers share, defined once.
+"""What both trainers share in their configuration: the typed fields (:class:`TrainConfig`)
+and the command-line options, defined once.
 
-Each trainer passes its own defaults (from its typed config) and keeps only the options that
-are its own (data, model shape, scheduled sampling, transpositions, ...).
+Each trainer's config subclasses :class:`TrainConfig` with its own defaults and fields (data,
+model shape, scheduled sampling, transpositions, ...); the ``add_*_arguments`` functions take
+the trainer's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from bbservice.errors import ConfigError
 from bbservice.gates import BETA_FAMILIES, GAMMA_SAMPLERS, GATE_FAMILIES, GateConfig
+from training import sparse_training
+
+
+@dataclass
+class TrainConfig:
+    """The fields every training run has (a trainer's config adds its own; all are saved
+    flat as ``config.json["train"]``)."""
+
+    out: str = "runs/model"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_decay: float = 0.5
+    patience: int = 2
+    min_lr: float = 1e-6
+    clip: float = 5.0
+    weight_decay: float = 0.0
+    early_stop: int = 0
+    seed: int = 1
+    device: str = "auto"
+    amp: bool = True
+    eval_batch_size: int = 64
+    sparse_kl_weight: float = 1.0
+    sparse_kl_warmup: int = 0
+    sparse_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.lr <= 0 or self.clip <= 0:
+            raise ConfigError("--lr and --clip must be > 0")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError("--lr-decay must be in (0, 1]")
+        sparse_training.check_options(
+            self.sparse_kl_weight, self.sparse_kl_warmup, self.sparse_lr_scale
+        )
+
 
 Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 

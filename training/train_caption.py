@@ -24,11 +24,9 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from tqdm import tqdm
 
 from bbservice import checkpoints
 from bbservice.errors import ConfigError, DataError
@@ -44,28 +42,22 @@ from training.caption_data import (
     load_karpathy,
 )
 from training.eval_caption import evaluate
-from training.loop import TrainingLoop, Validation
+from training.loop import TrainingLoop, Validation, launch
+from training.options import TrainConfig
 from training.sparse_training import SparseKLSchedule, publish_report
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class CaptionTrainConfig:
+class CaptionTrainConfig(TrainConfig):
     """How a caption model is trained (saved with the checkpoint as ``config.json["train"]``)."""
 
     data: str = ""
     image_root: str | None = None
     out: str = "runs/caption"
-    epochs: int = 20
-    batch_size: int = 32
     lr: float = 4e-4
     encoder_lr: float = 1e-4
-    lr_decay: float = 0.5
-    patience: int = 2
-    min_lr: float = 1e-6
-    clip: float = 5.0
-    weight_decay: float = 0.0
     min_count: int = 5
     max_train_images: int = 0
     max_val_images: int = 0
@@ -74,36 +66,23 @@ class CaptionTrainConfig:
     ss_max: float = 0.0
     ss_start: int = 1
     ss_ramp: int = 5
-    early_stop: int = 0
-    seed: int = 1
-    device: str = "auto"
-    amp: bool = True
     cache_images: bool = True
     num_workers: int = 0
-    eval_batch_size: int = 64
     progress: bool = True
-    sparse_kl_weight: float = 1.0
-    sparse_kl_warmup: int = 0
-    sparse_lr_scale: float = 1.0
     model: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = CaptionConfig.from_dict(self.model)
-        for name in ("epochs", "batch_size", "eval_batch_size", "val_beam", "min_count"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.lr <= 0 or self.encoder_lr <= 0 or self.clip <= 0:
-            raise ConfigError("--lr, --encoder-lr and --clip must be > 0")
-        if not 0 < self.lr_decay <= 1:
-            raise ConfigError("--lr-decay must be in (0, 1]")
+        super().__post_init__()
+        if self.val_beam < 1 or self.min_count < 1:
+            raise ConfigError("--val-beam and --min-count must be >= 1")
+        if self.encoder_lr <= 0:
+            raise ConfigError("--encoder-lr must be > 0")
         if not 0.0 <= self.ss_max <= 1.0 or self.ss_ramp < 1 or self.ss_start < 1:
             raise ConfigError("--ss-max must be in [0, 1], --ss-ramp and --ss-start >= 1")
         if self.max_train_images < 0 or self.max_val_images < 0:
             raise ConfigError("--max-train-images and --max-val-images must be >= 0")
-        sparse_training.check_options(
-            self.sparse_kl_weight, self.sparse_kl_warmup, self.sparse_lr_scale
-        )
 
     def sampling_probability(self, epoch: int) -> float:
         """Scheduled-sampling probability of an epoch (linear ramp, then constant)."""
@@ -222,13 +201,7 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def train(cfg: CaptionTrainConfig, resume: bool = False) -> dict:
     """Train; returns a summary (best epoch and its validation metrics) on the main process."""
-    device = common.pick_device(cfg.device)
-    dist = common.Distributed.from_env(device.type)
-    device = dist.device(device)
-    try:
-        return CaptionTraining(cfg, dist, device, resume).fit()
-    finally:
-        dist.shutdown()
+    return launch(CaptionTraining, cfg, resume)
 
 
 class CaptionTraining(TrainingLoop):
@@ -239,10 +212,7 @@ class CaptionTraining(TrainingLoop):
     best_keys = ("best_score", "best_epoch")
 
     def __init__(self, cfg: CaptionTrainConfig, dist, device, resume: bool = False) -> None:
-        super().__init__(
-            Path(cfg.out), dist, device, epochs=cfg.epochs, early_stop=cfg.early_stop, resume=resume
-        )
-        self.cfg = cfg
+        super().__init__(cfg, dist, device, resume)
         self.best_metrics: dict = {}
         self._load_items()
         self.vocab, self.model_cfg = self._vocabulary_and_model_config()
@@ -357,14 +327,7 @@ class CaptionTraining(TrainingLoop):
         ss_prob = cfg.sampling_probability(epoch)
         model.train()
         sums = {"ce": 0.0, "attention": 0.0, "kl": 0.0, "tokens": 0.0}
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=not (dist.is_main and cfg.progress),
-            leave=False,
-            unit="batch",
-            dynamic_ncols=True,
-        )
+        bar = self.progress_bar(loader, f"epoch {epoch}/{cfg.epochs}", enabled=cfg.progress)
         cell = model.decoder.cell
         for step, (images, captions, lengths, _) in enumerate(bar):
             images, captions, lengths = images.to(device), captions.to(device), lengths.to(device)

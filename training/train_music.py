@@ -13,27 +13,26 @@ import argparse
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bbservice import checkpoints
-from bbservice.errors import ConfigError, DataError
+from bbservice.errors import DataError
 from bbservice.models.music import MusicConfig, PianoRollModel, count_parameters, frame_nll_sum
 from bbservice.prune_report import prune_report
 from training import common, options, sparse_training
-from training.loop import TrainingLoop, Validation
+from training.loop import TrainingLoop, Validation, launch
 from training.music_batches import collate, evaluate_nll, train_batches, usable
 from training.music_data import augment_transpositions, load_music
+from training.options import TrainConfig
 from training.sparse_training import SparseKLSchedule, publish_report
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class MusicTrainConfig:
+class MusicTrainConfig(TrainConfig):
     """How a music model is trained (saved with the checkpoint)."""
 
     data: str = "chorales"
@@ -41,35 +40,18 @@ class MusicTrainConfig:
     epochs: int = 40
     batch_size: int = 16
     lr: float = 2e-3
-    lr_decay: float = 0.5
     patience: int = 3
     min_lr: float = 1e-5
-    clip: float = 5.0
-    weight_decay: float = 0.0
     seed: int = 1000
     transpose: int = 0
     max_train_sequences: int = 0
-    eval_batch_size: int = 64
-    device: str = "auto"
-    amp: bool = True
-    early_stop: int = 0
     init_output_bias: bool = True
-    sparse_kl_weight: float = 1.0
-    sparse_kl_warmup: int = 0
-    sparse_lr_scale: float = 1.0
     model: MusicConfig = field(default_factory=MusicConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = MusicConfig.from_dict(self.model)
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        sparse_training.check_options(
-            self.sparse_kl_weight, self.sparse_kl_warmup, self.sparse_lr_scale
-        )
-        if self.lr <= 0 or not 0 < self.lr_decay <= 1 or self.clip <= 0:
-            raise ConfigError("--lr and --clip must be > 0 and --lr-decay in (0, 1]")
+        super().__post_init__()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,13 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train(cfg: MusicTrainConfig, resume: bool = False) -> dict:
     """Train; returns the final summary (best validation and its test NLL)."""
-    device = common.pick_device(cfg.device)
-    dist = common.Distributed.from_env(device.type)
-    device = dist.device(device)
-    try:
-        return MusicTraining(cfg, dist, device, resume).fit()
-    finally:
-        dist.shutdown()
+    return launch(MusicTraining, cfg, resume)
 
 
 class MusicTraining(TrainingLoop):
@@ -152,10 +128,7 @@ class MusicTraining(TrainingLoop):
     best_keys = ("best_val", "best_epoch")
 
     def __init__(self, cfg: MusicTrainConfig, dist, device, resume: bool = False) -> None:
-        super().__init__(
-            Path(cfg.out), dist, device, epochs=cfg.epochs, early_stop=cfg.early_stop, resume=resume
-        )
-        self.cfg = cfg
+        super().__init__(cfg, dist, device, resume)
         self.splits = load_music(cfg.data)
         self.train_seqs = self._training_sequences()
         common.seed_everything(cfg.seed)
@@ -214,14 +187,7 @@ class MusicTraining(TrainingLoop):
         mine = batches[dist.rank * per_rank : (dist.rank + 1) * per_rank]
         kl_weight = cfg.model.gate.kl_weight
         loss_sum, frame_count, kl_sum = 0.0, 0, 0.0
-        bar = tqdm(
-            mine,
-            desc=f"epoch {epoch}",
-            disable=not dist.is_main,
-            leave=False,
-            unit="batch",
-            dynamic_ncols=True,
-        )
+        bar = self.progress_bar(mine, f"epoch {epoch}")
         for step, idx in enumerate(bar):
             inputs, targets, lengths, mask = collate([self.train_seqs[i] for i in idx], self.device)
             with common.autocast(self.device, cfg.amp):
