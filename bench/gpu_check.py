@@ -139,42 +139,63 @@ def _installed(dist: str, python: str) -> bool:
 
 
 def install(check: Check) -> None:
+    """A venv over the machine's site-packages (its torch is used, never touched); when no
+    venv can be made, the wheels go into a ``--target`` folder on ``PYTHONPATH`` instead."""
     start = time.monotonic()
-    args = check.args
-    venv = check.work / "venv"
+    wheels = sorted(Path(check.args.wheels).glob("*.whl")) if check.args.wheels else []
     notes: list[str] = []
+    pip = ["-m", "pip", "install", "--quiet", "--no-index", "--no-deps"]
     try:
-        if not (venv / "bin" / "python").exists():
-            subprocess.run(
+        venv = check.work / "venv"
+        made = venv / "bin" / "python"
+        if not made.exists():
+            proc = subprocess.run(
                 [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-        python = str(venv / "bin" / "python")
-        wheels = sorted(Path(args.wheels).glob("*.whl")) if args.wheels else []
-        missing = [w for w in wheels if not _installed(_wheel_dist(w), python)]
-        if missing:
-            subprocess.run(
-                [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                 *map(str, missing)],
-                check=True, capture_output=True, text=True, timeout=240,
+                capture_output=True, text=True, timeout=120,
             )  # fmt: skip
-        notes.append(f"installed {len(missing)} of {len(wheels)} wheels: "
-                     + ", ".join(_wheel_dist(w) for w in missing))  # fmt: skip
-        editable = subprocess.run(
-            [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-             "--no-build-isolation", "--ignore-requires-python", "-e", str(REPO)],
-            capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
-        if editable.returncode != 0:
-            notes.append("editable install failed, using PYTHONPATH: " + editable.stderr[-400:])
-            check.env["PYTHONPATH"] = str(REPO)
+            if proc.returncode != 0:
+                notes.append(f"no venv ({proc.stderr.strip()[-300:]}); using --target")
+        if made.exists():
+            python = str(made)
+            # setuptools goes into the venv whatever the machine has: the editable build
+            # needs >= 77 (PEP 639 license); the machine's own stays as it is.
+            missing = [
+                w for w in wheels
+                if _wheel_dist(w) == "setuptools" or not _installed(_wheel_dist(w), python)
+            ]  # fmt: skip
+            if missing:
+                subprocess.run(
+                    [python, *pip, *map(str, missing)],
+                    check=True, capture_output=True, text=True, timeout=240,
+                )  # fmt: skip
+            editable = subprocess.run(
+                [python, *pip, "--no-build-isolation", "--ignore-requires-python", "-e",
+                 str(REPO)],
+                capture_output=True, text=True, timeout=180,
+            )  # fmt: skip
+            if editable.returncode != 0:
+                notes.append("editable install failed, using PYTHONPATH: " + editable.stderr[-400:])
+                check.env["PYTHONPATH"] = str(REPO)
+            else:
+                notes.append("pip install --no-deps -e . into the venv")
+        else:
+            python = sys.executable
+            site = check.work / "site"
+            missing = [w for w in wheels if not _installed(_wheel_dist(w), python)]
+            if missing:
+                subprocess.run(
+                    [python, *pip, "--target", str(site), *map(str, missing)],
+                    check=True, capture_output=True, text=True, timeout=240,
+                )  # fmt: skip
+            check.env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(site)])
+        notes.append(
+            f"installed {len(missing)} of {len(wheels)} prepared wheels: "
+            + ", ".join(_wheel_dist(w) for w in missing)
+        )
         check.python = python
         check.record("install", True, time.monotonic() - start, notes=notes)
     except Exception as err:
-        detail = getattr(err, "stderr", "") or ""
+        detail = _text(getattr(err, "stderr", ""))
         check.env["PYTHONPATH"] = str(REPO)
         check.record(
             "install", False, time.monotonic() - start, error=f"{err} {detail[-TAIL:]}", notes=notes
@@ -221,10 +242,11 @@ def bench_gates(check: Check) -> None:
     if "--device" in flags:
         cmd += ["--device", "cuda" if check.args.cuda else "cpu"]
     step = check.run("bench_gates", cmd, check.args.gates_timeout_s, flags=sorted(flags))
-    if step["passed"]:
-        step["tables"] = parse_gate_table(step.pop("output"))
-        if json_path.exists():
-            step["json"] = json.loads(json_path.read_text())
+    step.pop("output", None)
+    log = check.logs / "bench_gates.log"  # the whole output, also of a run cut by its timeout
+    step["tables"] = parse_gate_table(log.read_text() if log.exists() else "")
+    if json_path.exists():
+        step["json"] = json.loads(json_path.read_text())
 
 
 # -- 4. music ----------------------------------------------------------------------------------
