@@ -290,9 +290,9 @@ def music(check: Check, device: str) -> None:
     out = check.work / "music_eval.json"
     step = check.cli(
         "music_eval",
-        ["eval", "music", "--checkpoint", str(run), "--split", "test", "--samples", "4",
-         "--device", device, "--json", str(out)],
-        120,
+        ["eval", "music", "--checkpoint", str(run), "--split", "test",
+         "--samples", "0" if args.quick else "4", "--device", device, "--json", str(out)],
+        150,
     )  # fmt: skip
     step.pop("output", None)
     if out.exists():
@@ -344,7 +344,7 @@ def caption(check: Check, device: str) -> None:
     )  # fmt: skip
     step.pop("output", None)
     step["epochs"] = [
-        {k: r.get(k) for k in ("epoch", "train_loss", "val_bleu4", "epoch_seconds")}
+        {k: r.get(k) for k in ("epoch", "train_ce", "val_ce", "val_CIDEr-D", "epoch_seconds")}
         for r in _jsonl(run / "metrics.jsonl")
     ]
     if not step["passed"]:
@@ -359,7 +359,9 @@ def caption(check: Check, device: str) -> None:
     )  # fmt: skip
     step.pop("output", None)
     if out.exists():
-        step["result"] = json.loads(out.read_text())
+        result = json.loads(out.read_text())
+        captions = result.pop("captions", {})
+        step["result"] = dict(result, captions={k: captions[k] for k in sorted(captions)[:3]})
     images = sorted((scenes / "images").glob("*.png"))[:2] or sorted(scenes.rglob("*.png"))[:2]
     step = check.cli(
         "caption_stochastic",
