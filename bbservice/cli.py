@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("export", "caption"): ("export.cli", "export a caption checkpoint to ONNX"),
     ("caption", None): ("training.caption_cli", "caption images with a checkpoint"),
     ("serve", None): ("bbservice.serve_cli", "serve the models over HTTP (BentoML)"),
+    ("doctor", None): ("bbservice.doctor", "versions, devices and a smoke test of each path"),
 }
 
 

@@ -23,6 +23,13 @@ features and the initial state) so that each decoding step does not redo it.
 Providers: ``device="auto"`` asks for CUDA when this onnxruntime build offers it and falls back
 to the CPU; the providers a session really got (``session.get_providers()``) are logged, and a
 fallback from an asked-for CUDA is logged as a warning (``device="cuda"`` makes it an error).
+
+IOBinding: on CUDA the steppers keep encoder features, the attention projection and the
+recurrent state on the device across decoding steps (:class:`DeviceArray`, an ``OrtValue``
+that the next step is fed directly); only tokens or frames go up and log-probabilities,
+probabilities and attention come down. Beam search's row reordering runs on the device too
+(:class:`DeviceOps`, a one-node ``Gather`` graph). ``io_binding=True`` runs the same code path on
+the CPU provider (tests, ``bench/bench_onnx.py --io-binding``); the results equal the plain path.
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ __all__ = [
     "make_session",
     "read_manifest",
     "requested_providers",
+    "DeviceArray",
+    "DeviceOps",
+    "gather_rows_model",
 ]
 
 EXPORT_FORMAT = "bbservice-onnx-export"
@@ -152,6 +162,178 @@ def _io_shapes(items) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Device-resident state (IOBinding)
+# --------------------------------------------------------------------------------------------
+
+# ONNX TensorProto element types of the dtypes a state can hold.
+_ONNX_TYPES = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(int64)": 7, "tensor(double)": 11}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes | int) -> bytes:
+    """One protobuf field: a varint (``int``) or a length-delimited value (``bytes``)."""
+    if isinstance(payload, int):
+        return _varint(number << 3) + _varint(payload)
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def gather_rows_model(elem_type: int) -> bytes:
+    """A serialized ONNX model ``Gather(data, indices, axis=0)`` for tensors of any rank whose
+    element type is ``elem_type`` (TensorProto numbering), written without the ``onnx`` package
+    (the serving install has only onnxruntime and numpy).
+
+    ``data`` (N, ...) , ``indices`` (M,) int64 -> ``rows`` (M, ...).
+    """
+
+    def value_info(name: str, elem: int) -> bytes:
+        tensor_type = _field(1, elem)  # no shape: any rank
+        return _field(1, name.encode()) + _field(2, _field(1, tensor_type))
+
+    attribute = _field(1, b"axis") + _field(3, 0) + _field(20, 2)  # INT attribute
+    node = (
+        _field(1, b"data")
+        + _field(1, b"indices")
+        + _field(2, b"rows")
+        + _field(4, b"Gather")
+        + _field(5, attribute)
+    )
+    graph = (
+        _field(1, node)
+        + _field(2, b"gather_rows")
+        + _field(11, value_info("data", elem_type))
+        + _field(11, value_info("indices", 7))
+        + _field(12, value_info("rows", elem_type))
+    )
+    opset = _field(1, b"") + _field(2, 13)
+    return _field(1, 8) + _field(7, graph) + _field(8, opset)
+
+
+class DeviceOps:
+    """Row gathers on the device where a session's state lives, so beam search can reorder
+    and repeat device-resident state without a host round trip (one tiny ``Gather`` session
+    per element type, on the same providers as the model)."""
+
+    def __init__(self, device_type: str, providers: list[str], device_id: int = 0) -> None:
+        self.device_type, self.device_id, self.providers = device_type, device_id, providers
+        self._sessions: dict[int, ort.InferenceSession] = {}
+
+    def to_device(self, array: np.ndarray) -> DeviceArray:
+        value = ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(array), self.device_type, self.device_id
+        )
+        return DeviceArray(value, self)
+
+    def gather(self, array: DeviceArray, index: np.ndarray) -> DeviceArray:
+        """``array[index]`` along axis 0, computed on the device."""
+        elem = _ONNX_TYPES.get(array.value.data_type())
+        if elem is None:
+            raise ConfigError(f"no device gather for {array.value.data_type()}")
+        session = self._sessions.get(elem)
+        if session is None:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(
+                gather_rows_model(elem), sess_options=options, providers=self.providers
+            )
+            self._sessions[elem] = session
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("data", array.value)
+        binding.bind_cpu_input("indices", np.ascontiguousarray(index, dtype=np.int64).ravel())
+        binding.bind_output("rows", self.device_type, self.device_id)
+        session.run_with_iobinding(binding)
+        return DeviceArray(binding.get_outputs()[0], self)
+
+
+class DeviceArray:
+    """A tensor that stays where ONNX Runtime put it (an :class:`onnxruntime.OrtValue`, on the
+    GPU under the CUDA provider), standing in for a numpy array in a decoder's state.
+
+    The decoders (:mod:`bbservice.decoding`) touch state only through ``.shape``,
+    ``np.take(v, index, axis=0)`` and ``np.repeat(v, n, axis=0)``; those two run on the device
+    (:class:`DeviceOps`). Any other numpy function gets a host copy (``np.asarray(v)``), so
+    nothing breaks, it only costs a transfer.
+    """
+
+    __slots__ = ("ops", "value")
+
+    def __init__(self, value: ort.OrtValue, ops: DeviceOps) -> None:
+        self.value, self.ops = value, ops
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.value.shape())
+
+    @property
+    def device(self) -> str:
+        return self.value.device_name()
+
+    def numpy(self) -> np.ndarray:
+        """A host copy."""
+        return self.value.numpy()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.numpy()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func is np.take and _axis(args, kwargs, 2) == 0 and args[0] is self:
+            return self.ops.gather(self, np.asarray(args[1]))
+        if func is np.repeat and _axis(args, kwargs, 2) == 0 and args[0] is self:
+            rows = np.repeat(
+                np.arange(self.shape[0]), args[1] if len(args) > 1 else kwargs["repeats"]
+            )
+            return self.ops.gather(self, rows)
+        return func(*_host(args), **_host(kwargs))
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, device={self.device!r})"
+
+
+def _host(obj):
+    """``obj`` with every :class:`DeviceArray` in it (also inside lists, tuples and dicts)
+    replaced by a host copy."""
+    if isinstance(obj, DeviceArray):
+        return obj.numpy()
+    if isinstance(obj, list | tuple):
+        return type(obj)(_host(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _host(v) for k, v in obj.items()}
+    return obj
+
+
+def _axis(args, kwargs, position: int):
+    return (
+        kwargs["axis"] if "axis" in kwargs else (args[position] if len(args) > position else None)
+    )
+
+
+def _device_of(session: ort.InferenceSession) -> str:
+    """``"cuda"`` when the session runs on ONNX Runtime's CUDA provider, else ``"cpu"``."""
+    return "cuda" if CUDA in session.get_providers() else "cpu"
+
+
+def _use_binding(io_binding: bool | None, session: ort.InferenceSession) -> bool:
+    """``None`` (auto): bind on CUDA, where it saves a host↔device copy of the state per step;
+    ``True`` binds on the CPU provider too (the same code path, for tests and benchmarks)."""
+    return _device_of(session) == "cuda" if io_binding is None else bool(io_binding)
+
+
+# --------------------------------------------------------------------------------------------
 # Steppers
 # --------------------------------------------------------------------------------------------
 
@@ -163,8 +345,11 @@ class OnnxMusicStepper:
     state)`` → ``(probs (N, 88) float32, new state)``.
     """
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, *, io_binding: bool | None = None) -> None:
         self.session = session
+        self.io_binding = _use_binding(io_binding, session)
+        self.device = _device_of(session)
+        self._ops = DeviceOps(self.device, session.get_providers()) if self.io_binding else None
         inputs = {i.name: i for i in session.get_inputs()}
         missing = {"frame", "h", "c"} - set(inputs)
         if missing:
@@ -180,13 +365,15 @@ class OnnxMusicStepper:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def start(self, batch: int) -> dict[str, np.ndarray]:
+    def start(self, batch: int) -> dict[str, Any]:
         zeros = np.zeros((self.num_layers, batch, self.hidden_size), dtype=np.float32)
+        if self._ops is not None:
+            return {"h": self._ops.to_device(zeros), "c": self._ops.to_device(zeros)}
         return {"h": zeros, "c": zeros.copy()}
 
-    def step(
-        self, frame: np.ndarray, state: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(self, frame: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        if self._ops is not None:
+            return self._bound_step(frame, state)
         feeds = {
             "frame": np.ascontiguousarray(frame, dtype=np.float32),
             "h": state["h"],
@@ -194,6 +381,24 @@ class OnnxMusicStepper:
         }
         probs, h, c = self.session.run(self.outputs, feeds)
         return probs, {"h": h, "c": c}
+
+    def _bound_step(self, frame: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, dict]:
+        """The IOBinding step: h and c stay on the device, only frames and probs travel."""
+        ops = self._ops
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("frame", np.ascontiguousarray(frame, dtype=np.float32))
+        for key in ("h", "c"):
+            value = state[key]
+            value = value if isinstance(value, DeviceArray) else ops.to_device(value)
+            binding.bind_ortvalue_input(key, value.value)
+        binding.bind_output("probs", "cpu")
+        binding.bind_output("h_out", ops.device_type, ops.device_id)
+        binding.bind_output("c_out", ops.device_type, ops.device_id)
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        probs, h, c = binding.get_outputs()
+        return probs.numpy(), {"h": DeviceArray(h, ops), "c": DeviceArray(c, ops)}
 
 
 class OnnxCaptionStepper:
@@ -213,9 +418,14 @@ class OnnxCaptionStepper:
         encoder: ort.InferenceSession,
         init: ort.InferenceSession,
         step: ort.InferenceSession,
+        *,
+        io_binding: bool | None = None,
     ) -> None:
         self.encoder, self.init, self.step_session = encoder, init, step
         self._step_outputs = ["log_probs", "h_out", "c_out", "attention"]
+        self.io_binding = _use_binding(io_binding, step)
+        self.device = _device_of(step)
+        self._ops = DeviceOps(self.device, step.get_providers()) if self.io_binding else None
 
     @property
     def providers(self) -> dict[str, list[str]]:
@@ -228,22 +438,30 @@ class OnnxCaptionStepper:
     def encode(self, images: np.ndarray) -> np.ndarray:
         """Encoder features ``(B, P, C)`` of preprocessed images ``(B, 3, S, S)``."""
         images = np.ascontiguousarray(images, dtype=np.float32)
+        self.encode_check(images)
+        return self.encoder.run(["features"], {"images": images})[0]
+
+    def encode_check(self, images: np.ndarray) -> None:
+        """A :class:`ConfigError` unless ``images`` is ``(B, 3, S, S)`` at the graph's size."""
         expected = self.encoder.get_inputs()[0].shape
         if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected[1:]):
             raise ConfigError(
                 f"images must be (B, {', '.join(map(str, expected[1:]))}), got {images.shape}"
             )
-        return self.encoder.run(["features"], {"images": images})[0]
 
-    def start(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def start(self, inputs: np.ndarray) -> dict[str, Any]:
         x = np.ascontiguousarray(inputs, dtype=np.float32)
+        if self._ops is not None:
+            return self._bound_start(x)
         features = self.encode(x) if x.ndim == 4 else x
         projected, h, c = self.init.run(["projected", "h", "c"], {"features": features})
         return {"h": h, "c": c, "features": features, "projected": projected}
 
     def step(
-        self, tokens: np.ndarray, state: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        self, tokens: np.ndarray, state: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+        if self._ops is not None:
+            return self._bound_step(tokens, state)
         feeds = {
             "tokens": np.ascontiguousarray(tokens, dtype=np.int64),
             "h": state["h"],
@@ -253,6 +471,51 @@ class OnnxCaptionStepper:
         }
         log_probs, h, c, attention = self.step_session.run(self._step_outputs, feeds)
         return log_probs, dict(state, h=h, c=c), attention
+
+    def _bound_start(self, x: np.ndarray) -> dict[str, Any]:
+        """Encoder and init under IOBinding: features, projection and state stay on the device."""
+        ops = self._ops
+        dev = (ops.device_type, ops.device_id)
+        if x.ndim == 4:
+            self.encode_check(x)
+            binding = self.encoder.io_binding()
+            binding.bind_cpu_input("images", x)
+            binding.bind_output("features", *dev)
+            binding.synchronize_inputs()
+            self.encoder.run_with_iobinding(binding)
+            features = DeviceArray(binding.get_outputs()[0], ops)
+        else:
+            features = ops.to_device(x)
+        binding = self.init.io_binding()
+        binding.bind_ortvalue_input("features", features.value)
+        for name in ("projected", "h", "c"):
+            binding.bind_output(name, *dev)
+        self.init.run_with_iobinding(binding)
+        projected, h, c = (DeviceArray(v, ops) for v in binding.get_outputs())
+        return {"h": h, "c": c, "features": features, "projected": projected}
+
+    def _bound_step(
+        self, tokens: np.ndarray, state: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+        """One decoding step under IOBinding: tokens go up, log-probabilities and attention
+        come down, everything else stays on the device."""
+        ops = self._ops
+        binding = self.step_session.io_binding()
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        for key in ("h", "c", "features", "projected"):
+            value = state[key]
+            value = value if isinstance(value, DeviceArray) else ops.to_device(value)
+            binding.bind_ortvalue_input(key, value.value)
+        binding.bind_output("log_probs", "cpu")
+        binding.bind_output("h_out", ops.device_type, ops.device_id)
+        binding.bind_output("c_out", ops.device_type, ops.device_id)
+        binding.bind_output("attention", "cpu")
+        binding.synchronize_inputs()
+        self.step_session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        log_probs, h, c, attention = binding.get_outputs()
+        new_state = dict(state, h=DeviceArray(h, ops), c=DeviceArray(c, ops))
+        return log_probs.numpy(), new_state, attention.numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,9 +603,28 @@ class LoadedExport:
 
     # -- music ---------------------------------------------------------------------------------
 
-    def music_stepper(self) -> OnnxMusicStepper:
+    @property
+    def device(self) -> str:
+        """``"cuda"`` when every graph runs on ONNX Runtime's CUDA provider, ``"cpu"`` when
+        none does, ``"mixed"`` otherwise."""
+        devices = {_device_of(s) for s in self.sessions.values()}
+        return devices.pop() if len(devices) == 1 else "mixed"
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /models`` shows of the runtime: device, real providers per graph,
+        whether decoding keeps its state on the device (IOBinding), precision."""
+        return {
+            "device": self.device,
+            "providers": self.providers,
+            "io_binding": self.device == "cuda",
+            "precision": self.precision,
+            "onnxruntime": ort.__version__,
+        }
+
+    def music_stepper(self, *, io_binding: bool | None = None) -> OnnxMusicStepper:
+        """The music stepper; ``io_binding`` None (auto) binds state to the device on CUDA."""
         self._need("music")
-        return OnnxMusicStepper(self.sessions["music_step"])
+        return OnnxMusicStepper(self.sessions["music_step"], io_binding=io_binding)
 
     @property
     def grid(self) -> dict:
@@ -352,10 +634,14 @@ class LoadedExport:
 
     # -- caption -------------------------------------------------------------------------------
 
-    def caption_stepper(self) -> OnnxCaptionStepper:
+    def caption_stepper(self, *, io_binding: bool | None = None) -> OnnxCaptionStepper:
+        """The caption stepper; ``io_binding`` None (auto) keeps features and state on the
+        device across decoding steps on CUDA."""
         self._need("caption")
         s = self.sessions
-        return OnnxCaptionStepper(s["caption_encoder"], s["caption_init"], s["caption_step"])
+        return OnnxCaptionStepper(
+            s["caption_encoder"], s["caption_init"], s["caption_step"], io_binding=io_binding
+        )
 
     @property
     def vocabulary(self) -> list[str]:

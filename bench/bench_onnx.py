@@ -16,6 +16,11 @@ every beam runs the full ``max_length`` steps on both backends (same work either
 
     python bench/bench_onnx.py [--caption-checkpoint DIR] [--music-checkpoint DIR]
         [--repeats 3] [--threads N] [--precision fp32|int8|fp16] [--skip-caption] [--skip-music]
+        [--io-binding]
+
+``--io-binding`` adds the ONNX Runtime steppers with IOBinding (recurrent state and features
+kept as ``OrtValue``s between steps, as on CUDA) and their speed-up over the plain ones, on the
+CPU provider here; the captions must be the same.
 """
 
 from __future__ import annotations
@@ -87,10 +92,26 @@ def bench_caption(args, out: Path) -> None:
     onnx = load_export(
         out / "caption", device="cpu", precision=args.precision, threads=args.threads
     )
-    ort_stepper = onnx.caption_stepper()
+    ort_stepper = onnx.caption_stepper(io_binding=False)
     torch_stepper = TorchCaptionStepper(model, "mean", device="cpu")
     kw = {"start_id": START_ID, "end_id": END_ID, "beam_size": 3, "max_length": cfg.max_length}
     rng = np.random.default_rng(0)
+    if args.io_binding:
+        bound = onnx.caption_stepper(io_binding=True)
+        print(f"  IOBinding ({onnx.device}) against plain ONNX Runtime, beam 3:")
+        for batch in (1, 8):
+            images = rng.standard_normal((batch, 3, cfg.image_size, cfg.image_size))
+            images = images.astype(np.float32)
+            plain_s = median_seconds(partial(beam_search, ort_stepper, images, **kw), args.repeats)
+            bound_s = median_seconds(partial(beam_search, bound, images, **kw), args.repeats)
+            same = [h.tokens for hs in beam_search(ort_stepper, images, **kw) for h in hs] == [
+                h.tokens for hs in beam_search(bound, images, **kw) for h in hs
+            ]
+            print(
+                f"    batch {batch}: plain {plain_s * 1e3:8.1f} ms, "
+                f"IOBinding {bound_s * 1e3:8.1f} ms, speed-up {plain_s / bound_s:5.2f}x, "
+                f"same captions: {same}"
+            )
     print(f"  {'':28s} {'torch':>10s} {'onnx':>10s} {'speed-up':>9s}")
     for batch in (1, 8):
         images = rng.standard_normal((batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
@@ -184,8 +205,10 @@ def bench_music(args, out: Path) -> None:
         "torch eager (TorchMusicStepper)": TorchMusicStepper(model, device="cpu"),
         "torch eager, packed once": PrepackedTorchMusicStepper(model),
         "torch eager, plain addmm": PrepackedTorchMusicStepper(model, plain=True),
-        "onnx runtime": onnx.music_stepper(),
+        "onnx runtime": onnx.music_stepper(io_binding=False),
     }
+    if args.io_binding:
+        steppers["onnx runtime, IOBinding"] = onnx.music_stepper(io_binding=True)
     times = {}
     for name, stepper in steppers.items():
         with torch.inference_mode():
@@ -209,6 +232,11 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
     parser.add_argument("--skip-caption", action="store_true")
     parser.add_argument("--skip-music", action="store_true")
+    parser.add_argument(
+        "--io-binding",
+        action="store_true",
+        help="also time ONNX Runtime with IOBinding (state kept as OrtValues) against plain",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads is None:

@@ -5,7 +5,8 @@ In a subprocess with its own BentoML home: the tiny cached exports go into the m
 every network route closed (a dead proxy, uv and pip offline), and the Docker build context is
 made without a Docker engine (``bentoml._internal.container.construct_containerfile``, what
 ``bentoml containerize`` does before calling the engine). The test then reads the generated
-Dockerfile, the unlocked requirements and the models packed into the context.
+Dockerfile, the locked requirements (``bento/requirements-*.txt``) and the models packed into
+the context.
 """
 
 from __future__ import annotations
@@ -115,20 +116,26 @@ def test_gpu_image_gets_cuda_13_from_pip_wheels_on_a_plain_python_base(built):
     assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
     assert "ENV BBSERVICE_DEVICE=$BBSERVICE_DEVICE" in dockerfile
     assert "EXPOSE 3000" in dockerfile
+    assert "ENV BENTOML_DO_NOT_TRACK=$BENTOML_DO_NOT_TRACK" in dockerfile
+    assert "ARG BENTOML_DO_NOT_TRACK=True" in dockerfile
     reqs = requirement_lines(bento["requirements"])
-    assert "onnxruntime-gpu[cuda,cudnn]==1.31.1" in reqs
-    assert {"torch==2.14.1", "torchvision==0.29.1", "bentoml==1.4.39"} <= set(reqs)
+    assert {"onnxruntime-gpu==1.31.1", "torch==2.14.1", "torchvision==0.29.1"} <= set(reqs)
+    assert "bentoml==1.4.39" in reqs and "nvidia-cudnn-cu13" in bento["requirements"]
     assert not any(r.startswith("onnxruntime==") for r in reqs)
-    # Not locked: exactly the listed packages (no resolved transitive pins, no hashes).
-    assert len(reqs) == 9 and "--hash" not in bento["requirements"]
+    # Locked: the generated file (scripts/bento_requirements.py), every package pinned.
+    locked = (ROOT / "bento" / "requirements-gpu.txt").read_text()
+    assert set(reqs) == set(requirement_lines(locked))  # BentoML appends bentoml again
+    assert all("==" in r for r in reqs)
 
 
 def test_cpu_variant(built):
     bento = built["bentos"]["bentofile.cpu.yaml"]
     assert bento["tag"].startswith("bbservice-cpu:")
     reqs = requirement_lines(bento["requirements"])
-    assert "onnxruntime==1.31.1" in reqs
-    assert not any(r.startswith(("onnxruntime-gpu", "torch")) for r in reqs)
+    assert "onnxruntime==1.31.1" in reqs and "bentoml==1.4.39" in reqs
+    assert not any(r.startswith(("onnxruntime-gpu", "torch", "nvidia-cu")) for r in reqs)
+    assert all("==" in r for r in reqs)
+    assert "ENV BENTOML_DO_NOT_TRACK=$BENTOML_DO_NOT_TRACK" in bento["dockerfile"]
     assert "FROM python:3.11-slim AS base-container" in bento["dockerfile"]
     assert "ARG BBSERVICE_DEVICE=cpu" in bento["dockerfile"]
 
