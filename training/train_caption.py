@@ -34,7 +34,7 @@ from tqdm import tqdm
 from bbservice.errors import ConfigError, DataError
 from bbservice.gates import GAMMA_SAMPLERS, GATE_FAMILIES, GateConfig
 from bbservice.models.caption import ENCODER_ARCHS, CaptionConfig, CaptionModel
-from training import common, sparse_training
+from training import common, run_config, sparse_training
 from training.caption_data import (
     CaptionEvalDataset,
     CaptionTrainDataset,
@@ -189,6 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     run_.add_argument("--resume", action="store_true", help="continue from OUT/last")
     run_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run_config.add_config_argument(parser, "caption")
 
 
 def config_from_args(args: argparse.Namespace) -> CaptionTrainConfig:

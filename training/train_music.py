@@ -23,7 +23,7 @@ from tqdm import tqdm
 from bbservice.errors import ConfigError, DataError
 from bbservice.gates import GAMMA_SAMPLERS, GATE_FAMILIES
 from bbservice.models.music import MusicConfig, PianoRollModel, count_parameters, frame_nll_sum
-from training import common, sparse_training
+from training import common, run_config, sparse_training
 from training.music_data import augment_transpositions, load_music
 from training.music_loop import collate, evaluate_nll, train_batches, usable
 from training.prune_report import prune_report
@@ -142,6 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start the output bias at 0, not at the key log-odds",
     )
     sparse_training.add_arguments(parser, d.sparse_kl_weight, d.sparse_kl_warmup)
+    run_config.add_config_argument(parser, "music")
 
 
 def config_from_args(args: argparse.Namespace) -> MusicTrainConfig:
