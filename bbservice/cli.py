@@ -27,6 +27,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("export", "caption"): ("export.cli", "export a caption checkpoint to ONNX"),
     ("caption", None): ("training.caption_cli", "caption images with a checkpoint"),
     ("serve", None): ("bbservice.serve_cli", "serve the models over HTTP (BentoML)"),
+    ("sweep", None): ("training.sweep", "train and evaluate data sets × families × seeds"),
+    ("runs", "compare"): ("training.run_compare", "results table and curves of finished runs"),
 }
 
 
