@@ -48,6 +48,7 @@ def test_mean_and_sample_std():
     assert stat.format() == "8.200 ± 0.200"
     single = mean_std([4.0])
     assert single.std is None and single.format() == "4.000"
+    assert single.format(signed=True) == "+4.000" and stat.format(1, signed=True) == "+8.2 ± 0.2"
     with pytest.raises(ValueError):
         mean_std([])
 
@@ -80,7 +81,7 @@ def test_report_table_and_picture(tmp_path):
     assert "| D | lstm | 1, 2, 3 | **8.200 ± 0.200** | — | 6.0 ± 2.0 |" in table
     assert "| D | bbeta5 | 1, 2 | **8.100 ± 0.283** | 8.000 ± 0.283 |" in table
     assert "| E | lstm | 1 | **4.000** |" in table
-    assert "| D | 1, 2 | -0.100, +0.100 | **0.000 ± 0.141** | -0.200, +0.000 |" in table
+    assert "| D | 1, 2 | -0.100, +0.100 | **+0.000 ± 0.141** | -0.200, +0.000 |" in table
     assert "test NLL (MC, S=10)" in table
     assert (tmp_path / "results.md").read_text() == table
     assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -57,10 +57,9 @@ class Stat:
     std: float | None
     n: int
 
-    def format(self, digits: int = 3) -> str:
-        if self.std is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+    def format(self, digits: int = 3, signed: bool = False) -> str:
+        mean = f"{self.mean:{'+' if signed else ''}.{digits}f}"
+        return mean if self.std is None else f"{mean} ± {self.std:.{digits}f}"
 
 
 def mean_std(values: Iterable[float]) -> Stat:
@@ -193,9 +192,9 @@ def format_table(
             lines.append(
                 f"| {p.dataset} | {', '.join(map(str, p.seeds))} | "
                 f"{', '.join(f'{d:+.3f}' for d in p.mean_gates)} | "
-                f"**{p.mean_gates_stat.format()}** | "
+                f"**{p.mean_gates_stat.format(signed=True)}** | "
                 f"{', '.join(f'{d:+.3f}' for d in p.best_estimate)} | "
-                f"**{p.best_estimate_stat.format()}** |"
+                f"**{p.best_estimate_stat.format(signed=True)}** |"
             )
     return "\n".join(lines) + "\n"
 

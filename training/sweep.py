@@ -173,7 +173,7 @@ def subprocess_runner(threads: int = 1) -> Runner:
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
-        "TQDM_DISABLE": "1",  # no progress bars in the logs
+        "TQDM_MININTERVAL": "60",  # progress bars in the logs: one update a minute at most
     }
 
     def run(argv: Sequence[str], log_path: Path) -> int:
