@@ -78,6 +78,7 @@ def test_cell_gradient_norm_meter():
     assert record["cell_grad_norm"] == pytest.approx(float(np.linalg.norm(means)), rel=1e-5)
     assert meter.epoch_record() == {}  # reset for the next epoch
     assert cell_gradient_norms(model("lstm").rnn) == [0.0, 0.0]  # no backward yet
+    assert cell_gradient_norms(m.rnn.cells[1]) == pytest.approx([manual[1]], rel=1e-5)  # one cell
 
 
 def test_gradient_by_lag():

@@ -113,9 +113,13 @@ def gate_summary(layers: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, f
 
 
 def cell_gradient_norms(rnn: nn.Module) -> list[float]:
-    """L2 norm of the gradient of each layer's cell parameters (call after ``backward()``)."""
+    """L2 norm of the gradient of each layer's cell parameters (call after ``backward()``).
+
+    ``rnn``: a stacked :class:`bbservice.cells.GatedLSTM` (one norm per layer, ``rnn.cells``)
+    or a single cell (the caption decoder's ``cell``: one norm).
+    """
     norms = []
-    for cell in rnn.cells:
+    for cell in getattr(rnn, "cells", [rnn]):
         grads = [p.grad.detach().float() for p in cell.parameters() if p.grad is not None]
         norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
                      if grads else 0.0)  # fmt: skip
