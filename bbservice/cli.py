@@ -28,6 +28,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("caption", None): ("training.caption_cli", "caption images with a checkpoint"),
     ("serve", None): ("bbservice.serve_cli", "serve the models over HTTP (BentoML)"),
     ("doctor", None): ("bbservice.doctor", "versions, devices and a smoke test of each path"),
+    ("sweep", None): ("training.sweep", "train and evaluate data sets × families × seeds"),
+    ("runs", "compare"): ("training.run_compare", "results table and curves of finished runs"),
 }
 
 
@@ -66,7 +68,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):  # `--config FILE` made the file's values the defaults:
+        args = parser.parse_args(argv)  # parse again so flags on the command line win
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -2,7 +2,7 @@
 # Set up .venv and run the linter (ruff lint + format check) and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh train,cpu,serve,dev
+bash scripts/setup.sh train,cpu,serve,dev,track
 export BENTOML_DO_NOT_TRACK=True
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -33,7 +33,7 @@ from bbservice.errors import ConfigError, DataError
 from bbservice.models.caption import ENCODER_ARCHS, CaptionConfig, CaptionModel
 from bbservice.prune_report import caption_prune_report
 from bbservice.vocab import VOCAB_FILE, Vocabulary
-from training import common, options, sparse_training
+from training import common, options, run_config, sparse_training
 from training.caption_data import (
     CaptionEvalDataset,
     CaptionTrainDataset,
@@ -150,6 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_ = parser.add_argument_group("run")
     options.add_run_arguments(run_, d)
     run_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run_config.add_config_argument(parser, "caption")
 
 
 def config_from_args(args: argparse.Namespace) -> CaptionTrainConfig:

@@ -21,7 +21,7 @@ from bbservice import checkpoints
 from bbservice.errors import DataError
 from bbservice.models.music import MusicConfig, PianoRollModel, count_parameters, frame_nll_sum
 from bbservice.prune_report import prune_report
-from training import common, options, sparse_training
+from training import common, options, run_config, sparse_training
 from training.loop import TrainingLoop, Validation, launch
 from training.music_batches import collate, evaluate_nll, train_batches, usable
 from training.music_data import augment_transpositions, load_music
@@ -95,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start the output bias at 0, not at the key log-odds",
     )
     sparse_training.add_arguments(parser, d.sparse_kl_weight, d.sparse_kl_warmup)
+    run_config.add_config_argument(parser, "music")
 
 
 def config_from_args(args: argparse.Namespace) -> MusicTrainConfig:
