@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bbservice import checkpoints
 from bbservice.models.music import MusicConfig, PianoRollModel
 from training import common
 from training.gate_diagnostics import (
@@ -100,7 +101,7 @@ def test_diagnose_writes_the_pictures(tmp_path):
             "model": m.config.to_dict(),
             "train": {"data": str(tmp_path / "d.json")},
         }
-        common.save_checkpoint(run / "best", m, config)
+        checkpoints.save_checkpoint(run / "best", m, config)
         for epoch in (1, 2):
             common.append_jsonl(
                 run / "metrics.jsonl", {"epoch": epoch, "cell_grad_norm": 1.0 / epoch}

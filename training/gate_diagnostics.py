@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from bbservice.checkpoints import load_music as load_music_checkpoint
+from bbservice.checkpoints import write_json
 from training import common
-from training.checkpoints import load_music_checkpoint
+from training.music_batches import collate, eval_batches, usable
 from training.music_data import load_music
-from training.music_loop import collate, eval_batches, usable
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def diagnose(
         plot_lines(grad_curves, out / "grad_norm.png", "epoch", "cell gradient norm (mean/step)")
     else:
         log.info("no cell_grad_norm in the runs' metrics.jsonl: no grad_norm.png")
-    common.write_json(out / "gates.json", report)
+    write_json(out / "gates.json", report)
     return report
 
 
