@@ -23,6 +23,11 @@ Conventions
   ``finished=True`` means the model chose to stop.
 * Length penalty ``a``: hypotheses are ranked by ``log_prob / n**a`` with ``n`` = words + 1
   (the ``<end>``); ``a = 0`` ranks by total log-probability, ``a > 0`` favours longer captions.
+* Diverse beam search (Vijayakumar et al. 2016, "Diverse Beam Search"): ``groups`` G splits the
+  ``beam_size`` beams into G groups of ``beam_size / G``; at every step the groups choose in
+  turn, and a word already chosen at this step by ``c`` beams of earlier groups costs
+  ``diversity · c`` (Hamming diversity) in the choice only: ``log_prob`` and ``score`` stay
+  the model's. ``groups=1`` is plain beam search.
 """
 
 from __future__ import annotations
@@ -281,6 +286,8 @@ def beam_search(
     length_penalty: float = 0.0,
     n_best: int = 1,
     block_repeated_trigrams: bool = False,
+    groups: int = 1,
+    diversity: float = 0.0,
 ) -> list[list[Hypothesis]]:
     """Beam search over a whole batch at once; per image its ``n_best`` hypotheses, best first.
 
@@ -293,10 +300,25 @@ def beam_search(
     leave the batch. Beams still live after ``max_length`` words get a forced ``<end>``
     (``finished=False``). With ``block_repeated_trigrams`` no beam may produce a word trigram
     it already contains.
+
+    Diverse beam search: ``groups`` G > 1 (it must divide ``beam_size``) runs G searches of
+    ``beam_size / G`` beams each, every one started from ``<start>``, that choose in turn at
+    every step; group g's candidates ending in word w are ranked by ``log_prob − diversity ·
+    (beams of groups < g that chose w at this step)``. Each group keeps its own finished
+    hypotheses and stops as above for its share ``ceil(n_best / G)``; the answer is the best
+    ``n_best`` of every group's best share, by ``score`` (the penalty is never part of it).
+    Groups may still end in the same caption (more so with a small ``diversity``).
     """
-    _check(max_length, beam_size=beam_size, n_best=n_best)
+    _check(max_length, beam_size=beam_size, n_best=n_best, groups=groups)
     if n_best > beam_size:
         raise ValueError(f"n_best ({n_best}) cannot exceed beam_size ({beam_size})")
+    if beam_size % groups:
+        raise ValueError(
+            f"groups ({groups}) must divide beam_size ({beam_size}): every group gets "
+            "beam_size / groups beams"
+        )
+    if not np.isfinite(diversity) or diversity < 0:
+        raise ValueError(f"diversity must be a finite number >= 0, got {diversity}")
     state = stepper.start(inputs)
     return _beam_from_state(
         stepper,
@@ -308,6 +330,8 @@ def beam_search(
         length_penalty,
         n_best,
         block_repeated_trigrams,
+        groups,
+        float(diversity),
     )
 
 
@@ -321,19 +345,24 @@ def _beam_from_state(
     length_penalty: float,
     n_best: int,
     block_trigrams: bool,
+    groups: int = 1,
+    diversity: float = 0.0,
 ) -> list[list[Hypothesis]]:
     static = tuple(getattr(stepper, "static_keys", ()))
     n_images = _batch_size(state)
-    state = repeat_state(state, K)  # row b·K + k
+    state = repeat_state(state, K)  # row b·K + k; group g holds beams g·Kg .. g·Kg + Kg − 1
+    G = groups
+    Kg = K // G
+    share = -(-n_best // G)  # finished hypotheses each group must have before it may stop
     items = np.arange(n_images)  # original image of each live item
     B = n_images
     beam_lp = np.full((B, K), -np.inf)
-    beam_lp[:, 0] = 0.0  # only one beam is alive before the first word
+    beam_lp[:, ::Kg] = 0.0  # one beam per group is alive before the first word
     hist = np.zeros((B, K, 0), dtype=np.int64)  # words so far
     hist_att: np.ndarray | None = None  # (B, K, t, P)
     hist_ent = np.zeros((B, K, 0))
     tokens = np.full(B * K, start_id, dtype=np.int64)
-    pools: list[list[Hypothesis]] = [[] for _ in range(n_images)]
+    pools: list[list[list[Hypothesis]]] = [[[] for _ in range(G)] for _ in range(n_images)]
 
     def ended(b: int, k: int, lp: float, last_entropy: float, natural: bool) -> Hypothesis:
         """Beam (b, k) followed by <end>, with total log-probability ``lp``."""
@@ -364,33 +393,49 @@ def _beam_from_state(
             keep_end = lp[:, :, end_id].copy()
             lp[:] = -np.inf
             lp[:, :, end_id] = keep_end
-        cand = (beam_lp[:, :, None] + lp).reshape(B, K * V)
-        n_cand = min(2 * K, K * V)
-        top = np.argpartition(-cand, n_cand - 1, axis=1)[:, :n_cand]
-        order = np.argsort(-np.take_along_axis(cand, top, axis=1), axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)  # (B, 2K) best first
 
         new_src = np.zeros((B, K), dtype=np.int64)
         new_tok = np.full((B, K), end_id, dtype=np.int64)
         new_lp = np.full((B, K), -np.inf)
-        done = np.zeros(B, dtype=bool)
-        for b in range(B):
-            pool = pools[items[b]]
-            live = 0
-            for rank, j in enumerate(top[b]):
-                score = cand[b, j]
-                if not np.isfinite(score):
-                    break
-                k, w = divmod(int(j), V)
-                if w == end_id:
-                    if rank < K:
-                        pool.append(ended(b, k, score, ent[b, k], bool(natural[b, k])))
-                    continue
-                new_src[b, live], new_tok[b, live], new_lp[b, live] = k, w, score
-                live += 1
-                if live == K:
-                    break
-            done[b] = _item_done(pool, new_lp[b], t + 1, n_best, max_length, length_penalty)
+        done = np.ones(B, dtype=bool)
+        chosen = np.zeros((B, V))  # beams of earlier groups that chose each word at this step
+        for g in range(G):
+            lo = g * Kg
+            cand = (beam_lp[:, lo : lo + Kg, None] + lp[:, lo : lo + Kg]).reshape(B, Kg * V)
+            rank_by = cand
+            if g and diversity:
+                rank_by = cand - diversity * np.tile(chosen, Kg)  # (B, Kg·V), word = j mod V
+            n_cand = min(2 * Kg, Kg * V)
+            top = np.argpartition(-rank_by, n_cand - 1, axis=1)[:, :n_cand]
+            order = np.argsort(-np.take_along_axis(rank_by, top, axis=1), axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)  # (B, 2·Kg) best first
+            for b in range(B):
+                pool = pools[items[b]][g]
+                live = 0
+                for rank, j in enumerate(top[b]):
+                    score = cand[b, j]
+                    if not np.isfinite(score):
+                        break
+                    k, w = divmod(int(j), V)
+                    k += lo
+                    if w == end_id:
+                        if rank < Kg:
+                            pool.append(ended(b, k, score, ent[b, k], bool(natural[b, k])))
+                        continue
+                    new_src[b, lo + live], new_tok[b, lo + live] = k, w
+                    new_lp[b, lo + live] = score
+                    live += 1
+                    if live == Kg:
+                        break
+                group_lp = new_lp[b, lo : lo + Kg]
+                if _item_done(pool, group_lp, t + 1, share, max_length, length_penalty):
+                    group_lp[:] = -np.inf  # this group is finished: its beams go quiet
+                else:
+                    done[b] = False
+            if G > 1:
+                alive = np.isfinite(new_lp[:, lo : lo + Kg])
+                rows, cols = np.nonzero(alive)
+                np.add.at(chosen, (rows, new_tok[:, lo : lo + Kg][rows, cols]), 1.0)
 
         # Reorder the beams' histories and states; drop finished images.
         bk = np.arange(B)[:, None]
@@ -411,7 +456,11 @@ def _beam_from_state(
             hist, hist_att, hist_ent = hist[keep], hist_att[keep], hist_ent[keep]
             B = len(keep)
     # Every image ends by step max_length + 1 (only <end> is allowed there).
-    return [sorted(pool, key=lambda h: -h.score)[:n_best] for pool in pools]
+    results = []
+    for per_group in pools:
+        best = [h for pool in per_group for h in sorted(pool, key=lambda h: -h.score)[:share]]
+        results.append(sorted(best, key=lambda h: -h.score)[:n_best])
+    return results
 
 
 def _item_done(

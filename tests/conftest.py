@@ -70,3 +70,19 @@ def tiny_caption_config(gate: str = "bbeta5", sparse: bool = True):
         max_length=6,
         sparse=sparse,
     )
+
+
+def write_random_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` PNGs of random pixels and random sizes (20-59 px a side) in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = rng.integers(20, 60, size=2)
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths

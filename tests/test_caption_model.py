@@ -27,6 +27,7 @@ from bbservice.models.caption import (
     caption_loss,
     count_decoder_parameters,
     hidden_size_for_budget,
+    resolve_pretrained_weights,
 )
 from bbservice.vocab import END_ID, START_ID
 
@@ -233,6 +234,72 @@ def test_local_weights_file_loads_and_bad_files_fail(tmp_path):
     )
     with pytest.raises(DataError, match="unexpected"):
         ResNetEncoder("resnet18", weights=other)
+
+
+def test_pretrained_weight_names_resolve_to_torchvision_enums():
+    from torchvision.models import ResNet18_Weights, ResNet50_Weights
+
+    assert resolve_pretrained_weights("resnet50", "imagenet") is ResNet50_Weights.IMAGENET1K_V2
+    assert resolve_pretrained_weights("resnet50", "ImageNet") is ResNet50_Weights.DEFAULT
+    assert resolve_pretrained_weights("resnet18", "imagenet") is ResNet18_Weights.IMAGENET1K_V1
+    assert resolve_pretrained_weights("resnet50", "IMAGENET1K_V1") is ResNet50_Weights.IMAGENET1K_V1
+    qualified = resolve_pretrained_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V2")
+    assert qualified is ResNet50_Weights.IMAGENET1K_V2
+    for other in ("weights/r50.pth", "IMAGENET1K_V9", "ResNet18_Weights.IMAGENET1K_V1"):
+        assert resolve_pretrained_weights("resnet50", other) is None
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """torchvision's downloader replaced: nothing leaves this machine in tests."""
+    import torchvision.models._api as api
+
+    calls = []
+
+    def serve(state):
+        def load_state_dict_from_url(url, *args, **kwargs):
+            calls.append(url)
+            if state is None:
+                raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+            return state
+
+        monkeypatch.setattr(api, "load_state_dict_from_url", load_state_dict_from_url)
+        return calls
+
+    return serve
+
+
+def test_imagenet_weights_come_through_torchvision_download(fake_hub):
+    from torchvision.models import ResNet18_Weights
+
+    torch.manual_seed(8)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    calls = fake_hub(state)
+    model = CaptionModel.build(tiny(encoder_weights="imagenet"))
+    assert calls == [ResNet18_Weights.IMAGENET1K_V1.url]
+    torch.testing.assert_close(model.encoder.body.conv1.weight, state["conv1.weight"])
+    torch.testing.assert_close(
+        model.encoder.body.layer1[0].bn2.running_mean, state["layer1.0.bn2.running_mean"]
+    )
+
+
+def test_offline_imagenet_weights_give_one_line_telling_how_to_pass_a_file(fake_hub, tmp_path):
+    fake_hub(None)
+    with pytest.raises(DataError) as err:
+        ResNetEncoder("resnet18", weights="imagenet")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "cannot fetch torchvision's resnet18 IMAGENET1K_V1 weights" in message
+    assert "Temporary failure in name resolution" in message
+    assert "resnet18-f37072fd.pth" in message and "--encoder-weights" in message
+    # A local file of that name is a file, not a download.
+    net = torchvision.models.resnet18(weights=None)
+    local = tmp_path / "imagenet"
+    torch.save(net.state_dict(), local)
+    enc = ResNetEncoder("resnet18", grid_size=2, stages=1, weights=local)
+    torch.testing.assert_close(enc.body.conv1.weight, net.conv1.weight)
+    with pytest.raises(DataError, match="not found .*named: imagenet, IMAGENET1K_V1, DEFAULT"):
+        ResNetEncoder("resnet18", weights=tmp_path / "missing.pth")
 
 
 def test_checkpoint_round_trip_and_stepper(tmp_path):

@@ -275,3 +275,103 @@ def test_decoding_module_does_not_import_torch():
 
     code = "import sys, bbservice.decoding; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- diverse beam search ---------------------------------------------------------------------
+
+# Three equally good one-word captions: plain beams all agree on the first, diverse ones spread.
+FAN = table({START: {A: 0.3, B: 0.3, C: 0.3, END: 0.1}, A: {END: 0.9, D: 0.1}})
+
+
+def test_one_group_is_plain_beam_search_whatever_the_diversity():
+    tables = [TRAP, LENGTHY, LOOP, PLAIN, FAN]
+    for kw in ({}, {"length_penalty": 1.0}, {"block_repeated_trigrams": True}):
+        plain = beam_search(ToyStepper(tables), range(5), beam_size=3, n_best=3, **kw, **KW)
+        one = beam_search(
+            ToyStepper(tables), range(5), beam_size=3, n_best=3, groups=1, diversity=4.0, **kw, **KW
+        )
+        assert [[h.tokens for h in hs] for hs in one] == [[h.tokens for h in hs] for hs in plain]
+        assert [[h.score for h in hs] for hs in one] == [[h.score for h in hs] for hs in plain]
+
+
+def test_groups_without_diversity_repeat_the_same_search():
+    # Two groups of two beams and no penalty: each group is a beam search of size 2.
+    for tab in (TRAP, LENGTHY, PLAIN):
+        two = beam_search(ToyStepper([tab]), [0], beam_size=4, groups=2, n_best=2, **KW)[0]
+        alone = beam_search(ToyStepper([tab]), [0], beam_size=2, n_best=1, **KW)[0][0]
+        assert [h.tokens for h in two] == [alone.tokens, alone.tokens]
+        assert two[0].log_prob == pytest.approx(alone.log_prob)
+
+
+def test_diversity_penalty_is_hamming_and_stays_out_of_the_scores():
+    # Group 0 takes A (0.5); group 1 pays 10 for A and takes B, then <end>: p = 0.4·0.9.
+    kw = {"beam_size": 2, "groups": 2, "n_best": 2, **KW}
+    hyps = beam_search(ToyStepper([TRAP]), [0], diversity=10.0, **kw)[0]
+    assert [h.tokens[:1] for h in hyps] == [[B], [A]]  # ranked by the model's score
+    assert hyps[0].tokens == [B] and hyps[0].log_prob == pytest.approx(np.log(0.36), abs=1e-5)
+    assert hyps[1].log_prob == pytest.approx(seq_log_prob(TRAP, hyps[1].tokens), abs=1e-5)
+    for h in hyps:
+        assert h.score == pytest.approx(h.log_prob)
+    # A small penalty (below log 0.5 − log 0.4 = 0.22) leaves both groups on A.
+    weak = beam_search(ToyStepper([TRAP]), [0], diversity=0.1, **kw)[0]
+    assert [h.tokens[:1] for h in weak] == [[A], [A]]
+
+
+def test_diversity_spreads_the_groups_over_distinct_words():
+    same = beam_search(ToyStepper([FAN]), [0], beam_size=3, groups=3, n_best=3, **KW)[0]
+    assert len({tuple(h.tokens) for h in same}) == 1
+    diverse = beam_search(
+        ToyStepper([FAN]), [0], beam_size=3, groups=3, n_best=3, diversity=1.0, **KW
+    )[0]
+    assert sorted(h.tokens for h in diverse) == [[A], [B], [C]]
+
+
+def random_tables(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tabs = rng.dirichlet(np.full(V, 0.6), size=(n, V))
+    tabs[:, :, [PAD, START]] = 1e-9  # words and <end> only
+    return list(tabs / tabs.sum(axis=2, keepdims=True))
+
+
+def shared_tokens(hyps) -> int:
+    """(position, word) pairs that two groups' captions have in common."""
+    seen, shared = set(), 0
+    for h in hyps:
+        mine = set(enumerate(h.tokens))
+        shared += len(mine & seen)
+        seen |= mine
+    return shared
+
+
+def test_diversity_reduces_duplicate_tokens_across_groups_on_random_chains():
+    tables = random_tables(12, seed=0)
+    kw = {"beam_size": 6, "groups": 3, "n_best": 3, "max_length": 6, **KW}
+    plain = beam_search(ToyStepper(tables), range(12), **kw)
+    diverse = beam_search(ToyStepper(tables), range(12), diversity=2.0, **kw)
+    assert sum(map(shared_tokens, diverse)) < sum(map(shared_tokens, plain)) / 2
+    for tab, hs in zip(tables, diverse, strict=True):  # still exact model log-probabilities
+        for h in hs:
+            if h.finished:
+                assert h.log_prob == pytest.approx(seq_log_prob(tab, h.tokens), abs=1e-4)
+
+
+def test_diverse_batch_equals_one_by_one():
+    tables = [*random_tables(4, seed=1), TRAP, FAN]
+    kw = {"beam_size": 4, "groups": 2, "n_best": 3, "diversity": 0.7, "max_length": 6, **KW}
+    stepper = ToyStepper(tables)
+    batched = beam_search(stepper, range(len(tables)), **kw)
+    for img, got in enumerate(batched):
+        alone = beam_search(ToyStepper(tables), [img], **kw)[0]
+        assert [h.tokens for h in got] == [h.tokens for h in alone]
+        np.testing.assert_allclose([h.log_prob for h in got], [h.log_prob for h in alone])
+    assert stepper.batch_sizes[0] == 4 * len(tables)
+
+
+def test_diverse_argument_errors():
+    with pytest.raises(ValueError, match="groups .3. must divide beam_size .4."):
+        beam_search(ToyStepper([TRAP]), [0], beam_size=4, groups=3, **KW)
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        beam_search(ToyStepper([TRAP]), [0], beam_size=4, groups=0, **KW)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="diversity must be"):
+            beam_search(ToyStepper([TRAP]), [0], beam_size=4, groups=2, diversity=bad, **KW)

@@ -258,3 +258,18 @@ def test_same_beam_captions_on_both_backends(caption_model, caption_export):
     words = export.words(got[0][0].tokens + [END_ID, 5])
     assert words == [export.vocabulary[t] for t in got[0][0].tokens]
     assert str(bentoml.models.get("bbservice-caption:latest").tag) == caption_export.store_tag
+
+
+def test_same_diverse_beam_captions_on_both_backends(caption_model, caption_export):
+    images = verify.scene_images(3, 64, seed=6)
+    kw = {"start_id": START_ID, "end_id": END_ID, "beam_size": 4, "max_length": 6, "n_best": 4}
+    kw |= {"groups": 2, "diversity": 0.8}
+    ref = beam_search(TorchCaptionStepper(caption_model, device="cpu"), images, **kw)
+    export = runtime.load_export(caption_export.path, device="cpu")
+    got = beam_search(export.caption_stepper(), images, **kw)
+    assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in ref]
+    for hs_ref, hs_got in zip(ref, got, strict=True):
+        assert len(hs_got) == 4
+        np.testing.assert_allclose(
+            [h.log_prob for h in hs_got], [h.log_prob for h in hs_ref], atol=1e-4
+        )

@@ -61,8 +61,11 @@ class CaptionConfig:
     ----------
     vocab_size : words including the four specials (``<pad>``, ``<start>``, ``<end>``, ``<unk>``).
     encoder : torchvision ResNet, one of :data:`ENCODER_ARCHS`; built with ``weights=None``.
-    encoder_weights : optional local weights file (``.safetensors`` or a ``torch.save`` state
-        dict) of that ResNet, loaded when the model is first built (never downloaded).
+    encoder_weights : optional weights of that ResNet, loaded when the model is first built:
+        a local file (``.safetensors`` or a ``torch.save`` state dict), or torchvision's
+        pretrained weights by name (``"imagenet"``, a member such as ``"IMAGENET1K_V1"`` or
+        ``"ResNet50_Weights.IMAGENET1K_V2"``; see :func:`resolve_pretrained_weights`), fetched
+        through torchvision's own download and cache.
     encoder_stages : ResNet stages kept (1-4). 4 is the usual stride-32 grid; 3 (stride 16)
         gives a finer grid on small images, e.g. 4×4 at 64 px.
     fine_tune : train the encoder (else it is frozen, batch-norm statistics included).
@@ -150,6 +153,57 @@ class CaptionConfig:
 # --------------------------------------------------------------------------------------------
 
 
+PRETRAINED_ALIASES = {"imagenet": "DEFAULT"}  # names of torchvision weight enum members
+
+
+def resolve_pretrained_weights(arch: str, name: str):
+    """torchvision's weights enum member that ``name`` names for ``arch``, or ``None``.
+
+    ``"imagenet"`` (any case) is the architecture's ``DEFAULT`` (the best ImageNet-1k
+    weights: ``IMAGENET1K_V1`` for resnet18/34, ``IMAGENET1K_V2`` for resnet50/101/152);
+    a member name (``"IMAGENET1K_V1"``) or the qualified name
+    (``"ResNet50_Weights.IMAGENET1K_V2"``) names that member. Anything else (e.g. a file
+    path) gives ``None``. Nothing is downloaded here.
+    """
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(arch)
+    key = PRETRAINED_ALIASES.get(name.lower(), name)
+    key = key.removeprefix(f"{enum.__name__}.")
+    try:
+        return enum[key]
+    except KeyError:
+        return None
+
+
+def pretrained_weight_names(arch: str) -> list[str]:
+    """The names :func:`resolve_pretrained_weights` accepts for ``arch`` (aliases first)."""
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(arch)
+    return [*PRETRAINED_ALIASES, *enum.__members__]
+
+
+def load_pretrained_weights(net: nn.Module, weights, arch: str, progress: bool = True) -> None:
+    """Load torchvision's ``weights`` (an enum member) into a ResNet, or raise a one-line error.
+
+    The file comes through torchvision's own download and cache
+    (``weights.get_state_dict``: ``$TORCH_HOME/hub/checkpoints``, downloaded once); when it
+    cannot be fetched (offline), the :class:`DataError` says how to pass a local file instead.
+    """
+    try:
+        state = weights.get_state_dict(progress=progress)
+    except Exception as err:  # urllib, ssl, socket and hash-check errors
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        filename = weights.url.rsplit("/", 1)[-1]
+        raise DataError(
+            f"cannot fetch torchvision's {arch} {weights.name} weights ({detail}); without a "
+            f"network, download {weights.url} elsewhere and pass its path as --encoder-weights "
+            f"(or put {filename} in {torch.hub.get_dir()}/checkpoints)"
+        ) from err
+    _load_resnet_state(net, state, f"{arch} {weights.name}", arch)
+
+
 def load_resnet_weights(net: nn.Module, path: str | Path, arch: str) -> None:
     """Load a local weights file into a full torchvision ResNet, or raise a one-line DataError.
 
@@ -158,7 +212,11 @@ def load_resnet_weights(net: nn.Module, path: str | Path, arch: str) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: encoder weights file not found")
+        names = ", ".join(pretrained_weight_names(arch))
+        raise DataError(
+            f"{path}: encoder weights file not found (torchvision's pretrained {arch} weights "
+            f"are named: {names})"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -168,11 +226,16 @@ def load_resnet_weights(net: nn.Module, path: str | Path, arch: str) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, pickle and zip readers raise many types
         raise DataError(f"{path}: not a readable weights file ({first_line(err)})") from err
+    _load_resnet_state(net, state, str(path), arch)
+
+
+def _load_resnet_state(net: nn.Module, state, label: str, arch: str) -> None:
+    """Check a state dict against a torchvision ResNet and load it (``fc.*`` optional)."""
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise DataError(f"{path}: expected a state dict of tensors")
+        raise DataError(f"{label}: expected a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = net.state_dict()
     missing = [k for k in own if k not in state and not k.startswith("fc.")]
@@ -180,15 +243,27 @@ def load_resnet_weights(net: nn.Module, path: str | Path, arch: str) -> None:
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         parts = []
-        for label, keys in (
+        for what, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
             ("wrong shape", wrong),
         ):
             if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise DataError(f"{path}: does not match a torchvision {arch}: {', '.join(parts)}")
+                parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+        raise DataError(f"{label}: does not match a torchvision {arch}: {', '.join(parts)}")
     net.load_state_dict(state, strict=False)
+
+
+def load_encoder_weights(net: nn.Module, weights: str | Path, arch: str) -> None:
+    """``weights`` into a full torchvision ResNet: an existing local file, else torchvision's
+    pretrained weights of that name (:func:`resolve_pretrained_weights`), else a
+    "file not found" error that lists the names."""
+    if not Path(weights).is_file():
+        member = resolve_pretrained_weights(arch, str(weights))
+        if member is not None:
+            load_pretrained_weights(net, member, arch)
+            return
+    load_resnet_weights(net, weights, arch)
 
 
 class ResNetEncoder(nn.Module):
@@ -211,9 +286,9 @@ class ResNetEncoder(nn.Module):
 
         if arch not in ENCODER_ARCHS:
             raise ConfigError(f"unknown encoder {arch!r}; choose one of {', '.join(ENCODER_ARCHS)}")
-        net = getattr(torchvision.models, arch)(weights=None)  # never downloads
+        net = getattr(torchvision.models, arch)(weights=None)  # weights loaded below
         if weights is not None:
-            load_resnet_weights(net, weights, arch)
+            load_encoder_weights(net, weights, arch)
         layers = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu)]
         layers += [("maxpool", net.maxpool)]
         layers += [(f"layer{k}", getattr(net, f"layer{k}")) for k in range(1, stages + 1)]
