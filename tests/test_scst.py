@@ -10,13 +10,8 @@ from pycocoevalcap.cider.cider import Cider
 
 from bbservice.decoding import greedy
 from bbservice.errors import ConfigError
-from bbservice.models.caption import (
-    END_ID,
-    START_ID,
-    CaptionConfig,
-    CaptionModel,
-    TorchCaptionStepper,
-)
+from bbservice.models.caption import CaptionConfig, CaptionModel, TorchCaptionStepper
+from bbservice.vocab import END_ID, START_ID
 from training.caption_metrics import eval_tokenize, score_captions
 from training.cider_reward import CiderD
 from training.scst import (
