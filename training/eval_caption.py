@@ -23,6 +23,7 @@ from bbservice.errors import ConfigError
 from bbservice.models.caption import CaptionModel, TorchCaptionStepper
 from bbservice.vocab import END_ID, START_ID, Vocabulary
 from training import common
+from training.caption_cli import add_diverse_beam_arguments, check_diverse_beam
 from training.caption_data import (
     CaptionEvalDataset,
     CaptionItem,
@@ -57,8 +58,11 @@ def decode_dataset(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    beam_groups: int = 1,
+    diversity: float = 0.0,
 ) -> tuple[dict[int, str], float]:
-    """Caption every image of ``dataset`` with mean gates.
+    """Caption every image of ``dataset`` with mean gates (``beam_groups``/``diversity``:
+    diverse beam search; the best hypothesis over all groups is scored).
 
     Returns ``(captions, ce)``: index → caption text, and the teacher-forced cross-entropy per
     token of each image's first reference (a deterministic validation loss).
@@ -90,6 +94,8 @@ def decode_dataset(
                 beam_size=beam,
                 max_length=max_length,
                 length_penalty=length_penalty,
+                groups=beam_groups,
+                diversity=diversity,
             )
             hyps = [b[0] for b in best]
         else:
@@ -114,6 +120,8 @@ def evaluate(
     meteor: bool = False,
     progress: bool = False,
     dataset: CaptionEvalDataset | None = None,
+    beam_groups: int = 1,
+    diversity: float = 0.0,
 ) -> dict:
     """Decode and score ``items``: ``{"metrics": {...}, "ce": float, "captions": {i: str}}``."""
     if dataset is None:
@@ -127,6 +135,8 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         progress=progress,
+        beam_groups=beam_groups,
+        diversity=diversity,
     )
     metrics = score_captions(dataset.references(), captions, meteor=meteor)
     return {"metrics": metrics, "ce": ce, "captions": captions}
@@ -141,6 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--beam", type=int, default=3, help="beam size (1: greedy)")
     parser.add_argument("--length-penalty", type=float, default=0.0)
+    add_diverse_beam_arguments(parser)
     parser.add_argument("--max-images", type=int, default=0, help="first N images (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -152,6 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.beam < 1 or args.batch_size < 1 or args.max_images < 0:
         raise ConfigError("--beam and --batch-size must be >= 1 and --max-images >= 0")
+    check_diverse_beam(args.beam, args.beam_groups, args.diversity)
     device = common.pick_device(args.device)
     model, vocab, folder = checkpoints.load_caption(args.checkpoint, device)
     splits = load_karpathy(args.data, args.image_root)
@@ -170,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         meteor=args.meteor,
         progress=not args.no_progress,
+        beam_groups=args.beam_groups,
+        diversity=args.diversity,
     )
     seconds = time.perf_counter() - started
     refs = {i: [" ".join(c) for c in it.captions] for i, it in enumerate(items)}
@@ -201,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
             "images": len(items),
             "beam": args.beam,
             "length_penalty": args.length_penalty,
+            "beam_groups": args.beam_groups,
+            "diversity": args.diversity,
             "gate": model.config.gate.family,
             "metrics": result["metrics"],
             "teacher_forced_ce": result["ce"],
