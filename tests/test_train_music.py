@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from conftest import kill_training_at, same_weights, without_times
 
 from bbservice.cli import main
 from training.eval_music import evaluate
@@ -56,21 +58,72 @@ def test_training_learns_checkpoints_and_logs(tiny_music, tmp_path):
     assert baseline > 0
 
 
-def test_resume_continues_after_the_last_finished_epoch(tiny_music, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread: bit-for-bit reproducible, as the killed subprocesses run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_after_the_last_finished_epoch(tiny_music, tmp_path, one_thread):
     out = tmp_path / "run"
-    cfg = small_config(tiny_music, out)
-    cfg.epochs = 2
+    cfg = small_config(tiny_music, out, early_stop=3)
+    cfg.model.dropout, cfg.epochs = 0.2, 2
     train(cfg)
     cfg.epochs = 4
     train(cfg, resume=True)
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(out)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     straight = tmp_path / "straight"
-    cfg2 = small_config(tiny_music, straight)
-    cfg2.epochs = 4
+    cfg2 = small_config(tiny_music, straight, early_stop=3)
+    cfg2.model.dropout, cfg2.epochs = 0.2, 4
     train(cfg2)
-    again = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert abs(again[1]["valid_nll"] - records[1]["valid_nll"]) < 1e-9  # same first epochs
+    assert without_times(read_records(straight)) == without_times(records)  # the resumed epochs too
+    assert same_weights(out / "last", straight / "last") == []
+
+
+@pytest.mark.parametrize("pause", ["epoch2:step1", "epoch2:swap"])
+def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_run(
+    tiny_music, tmp_path, pause, one_thread
+):
+    """SIGKILL a real training process inside epoch 2 (or between the renames of last/ after
+    it), resume it and compare with an uninterrupted run, bit for bit."""
+    argv = ["train", "music", "--data", str(tiny_music), "--epochs", "3", "--hidden", "16"]
+    argv += ["--batch-size", "8", "--lr", "1e-2", "--seed", "4", "--device", "cpu"]
+    argv += ["--gate", "bbeta5", "--kl-weight", "0.01", "--dropout", "0.2", "--early-stop", "5"]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    log = kill_training_at([*argv, "--out", str(run)], pause, tmp_path)
+    assert "epoch 1 " in log and "epoch 2 " not in log
+    if pause.endswith("swap"):  # cut between the renames: no last/, only the swap's copies
+        assert not (run / "last").exists() and (run / ".last.old").is_dir()
+    assert main([*argv, "--out", str(run), "--resume"]) == 0
+    assert main([*argv, "--out", str(straight)]) == 0
+    assert without_times(read_records(run)) == without_times(read_records(straight))
+    assert [r["epoch"] for r in read_records(run)] == [1, 2, 3]
+    for folder in ("last", "best"):
+        assert same_weights(run / folder, straight / folder) == []
+    resumed = torch.load(run / "last" / "trainer.pt", weights_only=False)
+    unbroken = torch.load(straight / "last" / "trainer.pt", weights_only=False)
+    assert resumed["scheduler"] == unbroken["scheduler"]
+    assert resumed["data_rng"] == unbroken["data_rng"]
+    assert all(
+        torch.equal(resumed["optimizer"]["state"][k]["exp_avg"], v["exp_avg"])
+        for k, v in unbroken["optimizer"]["state"].items()
+    )
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny_music, tmp_path, capsys):
+    argv = ["train", "music", "--data", str(tiny_music), "--out", str(tmp_path / "none")]
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no checkpoint to resume" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "none" / "metrics.jsonl").exists()
 
 
 def test_eval_monte_carlo_and_generate_cli(tiny_music, tmp_path, capsys):
