@@ -145,8 +145,8 @@ class Job:
             return "done"
         if (self.run_dir / "summary.json").is_file() and (self.run_dir / "best").is_dir():
             return "trained"
-        if (self.run_dir / "last" / "trainer.pt").is_file():
-            return "resume"
+        if any((self.run_dir / d / "trainer.pt").is_file() for d in ("last", ".last.old")):
+            return "resume"  # .last.old: a kill cut the swap of last/; training recovers it
         return "new"
 
     def train_argv(self) -> list[str]:
