@@ -221,3 +221,16 @@ def test_grad_scaler_only_with_float16_autocast():
         fp16 = common.amp_dtype(cuda) == torch.float16
         assert common.grad_scaler(cuda).is_enabled() == fp16
         assert not common.grad_scaler(cuda, enabled=False).is_enabled()
+
+
+def test_the_tracker_writes_tensorboard_scalars_and_hparams(tmp_path):
+    pytest.importorskip("tensorboard", reason="the track extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(out=str(tmp_path), epochs=2, lr=0.1)
+    Steps(cfg, [[1.0, float("nan")], [1.0]]).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"skipped_steps", "cell_grad_norm", "valid"} <= tags
+    assert [e.value for e in events.Scalars("skipped_steps")] == [1.0, 0.0]

@@ -8,7 +8,8 @@ Run folder layout (``--out``)::
 
     best/                    checkpoint of the best validation epoch (:mod:`bbservice.checkpoints`)
     last/                    the last finished epoch, with ``trainer.pt`` for ``--resume``
-    metrics.jsonl            one JSON line per epoch
+    metrics.jsonl            one JSON line per epoch (:class:`training.tracking.RunTracker`)
+    tensorboard/             the same scalars for TensorBoard (with the ``track`` extra)
     curves.png               learning curves
 """
 

@@ -357,7 +357,7 @@ class CaptionTraining(TrainingLoop):
                 batch_size=cfg.eval_batch_size,
                 device=self.device,
                 dataset=self.val_ds,
-                progress=common.progress_enabled(cfg.progress),
+                progress=cfg.progress,
             )
             val = result["metrics"]
             score = val["CIDEr-D"]
