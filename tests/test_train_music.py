@@ -124,6 +124,34 @@ def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_run(
     )
 
 
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_music, tmp_path, monkeypatch, capsys):
+    """The music trainer's steps go through the shared NaN policy: every third batch's loss
+    made NaN is skipped and counted; NaN everywhere stops the run with a one-line error
+    and no checkpoint."""
+    import training.train_music as train_music
+
+    real, calls = train_music.frame_nll_sum, []
+
+    def poisoned(logits, targets, mask, every):
+        calls.append(1)
+        nll = real(logits, targets, mask)
+        return nll * float("nan") if len(calls) % every == 0 else nll
+
+    monkeypatch.setattr(train_music, "frame_nll_sum", lambda *a: poisoned(*a, every=3))
+    out = tmp_path / "some"
+    train(small_config(tiny_music, out, epochs=2))  # 3 batches per epoch: one NaN each
+    records = read_records(out)
+    assert [r["skipped_steps"] for r in records] == [1, 1]
+    assert all(np.isfinite(r["train_nll"]) and np.isfinite(r["valid_nll"]) for r in records)
+
+    monkeypatch.setattr(train_music, "frame_nll_sum", lambda *a: poisoned(*a, every=1))
+    argv = ["train", "music", "--data", str(tiny_music), "--out", str(tmp_path / "all")]
+    assert main([*argv, "--hidden", "8", "--max-bad-steps", "2", "--batch-size", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "2 steps in a row with a non-finite loss or gradient" in err
+    assert not (tmp_path / "all" / "last").exists()
+
+
 def test_resume_without_a_checkpoint_is_an_error(tiny_music, tmp_path, capsys):
     argv = ["train", "music", "--data", str(tiny_music), "--out", str(tmp_path / "none")]
     assert main([*argv, "--resume"]) == 2
