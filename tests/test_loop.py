@@ -234,3 +234,20 @@ def test_the_tracker_writes_tensorboard_scalars_and_hparams(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"skipped_steps", "cell_grad_norm", "valid"} <= tags
     assert [e.value for e in events.Scalars("skipped_steps")] == [1.0, 0.0]
+
+
+def test_loss_scaling_skips_overflows_and_steps_with_unscaled_gradients(tmp_path):
+    """The float16 path's GradScaler (run here on the CPU): a scale that overflows the
+    gradients skips the step and halves; once finite, the step uses the unscaled gradient."""
+    cfg = TrainConfig(out=str(tmp_path), epochs=1, lr=0.01, clip=100.0)
+    toy = Steps(cfg, [[8.0] * 5])
+    toy.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # 8 · 2^127 = inf in fp32
+    start = float(toy.model.weight.detach())
+    toy.fit()
+    assert [taken for taken, _ in toy.weights] == [False, False, False, True, True]
+    assert toy.weights[-1][1] == pytest.approx(start - 2 * 0.01 * 8.0)
+    assert toy.scaler.get_scale() == 2.0**124
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert line["skipped_steps"] == 3
+    state = checkpoints.load_trainer_state(tmp_path / "last")
+    assert state["scaler"]["scale"] == 2.0**124  # resumed with the scale it had
