@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_training_at, same_weights, without_times
 
 from bbservice import checkpoints
 from bbservice.cli import main
@@ -110,6 +111,25 @@ def test_resume_continues_after_the_last_finished_epoch(scenes, tmp_path):
         assert a["val_ce"] == pytest.approx(b["val_ce"], rel=1e-5)
         assert a["train_ce"] == pytest.approx(b["train_ce"], rel=1e-5)
     assert train(small_config(scenes, run, epochs=2), resume=True)["best_epoch"] >= 1  # no-op
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_run(scenes, tmp_path):
+    """SIGKILL a real training process inside epoch 2, resume it and compare with an
+    uninterrupted run bit for bit (stochastic gates, dropout and scheduled sampling draw from
+    every random stream)."""
+    argv = ["train", "caption", "--data", str(scenes), "--epochs", "2", "--device", "cpu"]
+    argv += [*MODEL_ARGS, "--gate", "bbeta5", "--kl-weight", "1e-3", "--dropout", "0.2"]
+    argv += ["--ss-max", "0.5", "--ss-ramp", "1", "--seed", "5", "--max-train-images", "24"]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    log = kill_training_at([*argv, "--out", str(run)], "epoch2:step1", tmp_path)
+    assert "epoch 1 " in log and "epoch 2 " not in log
+    assert [r["epoch"] for r in records(run)] == [1]
+    assert main([*argv, "--out", str(run), "--resume"]) == 0
+    assert main([*argv, "--out", str(straight)]) == 0
+    assert without_times(records(run)) == without_times(records(straight))
+    assert [r["epoch"] for r in records(run)] == [1, 2]
+    assert same_weights(run / "last", straight / "last") == []
+    assert same_weights(run / "best", straight / "best") == []
 
 
 def test_torchrun_ddp_with_two_cpu_processes(scenes, tmp_path):

@@ -75,7 +75,11 @@ def decode_dataset(
     captions: dict[int, str] = {}
     ce_sum, tokens = 0.0, 0
     for images, refs, index in tqdm(
-        loader, desc="decoding", disable=not progress, leave=False, unit="batch"
+        loader,
+        desc="decoding",
+        disable=not common.progress_enabled(progress),
+        leave=False,
+        unit="batch",
     ):
         with torch.inference_mode():
             features = model.encoder(images.to(device))  # (B, P, C)
