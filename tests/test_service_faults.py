@@ -317,5 +317,12 @@ def test_too_many_in_flight_is_a_429_and_a_timeout_a_504_in_the_one_shape(export
         assert c.get("/readyz").status_code == 200  # health checks are not counted
         message = one_error(slow.result(60), 504)
         assert "BBSERVICE_TIMEOUT_S" in message
+        # the cancelled request's thread still runs: it keeps its place in the queue
+        queue = c.post("/models").json()["models"]["caption"]["stochastic_queue"]
+        assert queue["running"] == 1
         gate.set()
+        deadline = time.monotonic() + 60
+        while c.post("/models").json()["models"]["caption"]["stochastic_queue"]["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert c.post("/generate", json={"frames": 4}).status_code == 200

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 from collections.abc import Callable
 from typing import Any
-
-import anyio
-import anyio.to_thread
 
 from bbservice.service.http import HTTPError
 
@@ -18,42 +18,58 @@ class BoundedQueue:
 
     Each kind has its own queue, so the stochastic requests of one kind never wait behind
     those of the other, and mean-gate requests (which use other limiters) never wait here.
+    A call keeps its place until its thread has finished, even when the request that made it
+    was cancelled (timeout, client gone): a thread cannot be stopped, and the work it still
+    does must count.
     """
 
     def __init__(self, name: str, depth: int, capacity: int = 1) -> None:
-        self.name, self.depth = name, depth
-        self.limiter = anyio.CapacityLimiter(capacity)
+        self.name, self.depth, self.capacity = name, depth, capacity
+        self.running = 0
         self.waiting = 0
         self.refused = 0
         self.served = 0
+        self._free: asyncio.Condition | None = None
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        busy = self.limiter.borrowed_tokens >= self.limiter.total_tokens
-        if busy and self.waiting >= self.depth:
+        if self.running >= self.capacity and self.waiting >= self.depth:
             self.refused += 1
             raise HTTPError(
                 429,
                 f"the {self.name} queue is full ({self.depth} waiting, "
                 "BBSERVICE_STOCHASTIC_QUEUE); retry later",
             )
+        self._free = self._free or asyncio.Condition()
         self.waiting += 1
-        started = False
         try:
-            async with self.limiter:
-                self.waiting -= 1
-                started = True
-                result = await anyio.to_thread.run_sync(fn, *args)
+            async with self._free:
+                await self._free.wait_for(lambda: self.running < self.capacity)
+                self.running += 1
         finally:
-            if not started:  # cancelled while waiting
-                self.waiting -= 1
+            self.waiting -= 1
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        future = loop.run_in_executor(None, call)
+        future.add_done_callback(self._done)
+        result = await asyncio.shield(future)  # a cancelled caller leaves the work counted
         self.served += 1
         return result
+
+    def _done(self, future: asyncio.Future) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved here too: the caller may be gone
+        self.running -= 1
+        asyncio.ensure_future(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._free:
+            self._free.notify_all()
 
     def stats(self) -> dict[str, int]:
         return {
             "depth": self.depth,
             "waiting": self.waiting,
-            "running": int(self.limiter.borrowed_tokens),
+            "running": self.running,
             "served": self.served,
             "refused": self.refused,
         }
