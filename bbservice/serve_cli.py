@@ -3,8 +3,8 @@
 The process becomes ``bentoml serve`` (signals such as Ctrl-C reach it directly). Models come
 from the BentoML model store (``bbservice export music|caption ...`` puts them there) unless
 ``--music-export`` / ``--caption-export`` name export folders; ``--bento TAG`` serves a built
-bento instead of the source. ``GET /readyz`` turns 200 once both models have passed a warm-up
-inference.
+bento instead of the source. ``GET /readyz`` turns 200 once the served models pass a warm-up
+inference (``BBSERVICE_READY``).
 """
 
 from __future__ import annotations

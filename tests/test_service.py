@@ -718,8 +718,9 @@ def test_the_service_still_answers_after_bad_input(client):
 
 
 def test_unknown_route_and_method(client):
-    assert client.post("/nonesuch").status_code == 404
-    assert client.get("/caption").status_code == 405
+    for r, status in ((client.post("/nonesuch"), 404), (client.get("/caption"), 405)):
+        assert r.status_code == status
+        assert r.json()["status"] == status and r.json()["error"]  # the one error shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +749,7 @@ def test_not_ready_until_warm_up_has_passed(exports, monkeypatch):
         assert caption(c, image_bytes()).status_code == 200
 
 
-def test_a_broken_model_keeps_the_service_unready(exports, tmp_path):
+def test_a_broken_model_keeps_the_service_unready_and_not_alive(exports, tmp_path):
     broken = tmp_path / "caption"
     shutil.copytree(exports["caption"], broken)
     (broken / "caption_step.onnx").write_bytes(b"not onnx")
@@ -758,7 +759,7 @@ def test_a_broken_model_keeps_the_service_unready(exports, tmp_path):
         while c.post("/models").json()["models"]["caption"]["state"] == "loading":
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert c.get("/livez").status_code == 200
+        assert c.get("/livez").status_code == 503  # BBSERVICE_READY=all can never be met
         assert c.get("/readyz").status_code == 503
         info = c.post("/models").json()["models"]["caption"]
         assert info["state"] == "failed" and "caption_step.onnx" in info["error"]

@@ -1,13 +1,16 @@
 """End to end: ``bbservice serve`` (a real ``bentoml serve`` process) on 127.0.0.1, a free port.
 
 Start it on the tiny cached exports, wait for ``/readyz``, caption an image and download a MIDI
-file over real HTTP, then shut it down. Skipped, with the server's log tail as the reason, when
-BentoML does not come up in time.
+file over real HTTP, then shut it down. A server that dies at start or is not ready in time
+FAILS the test, with its log tail; only a missing BentoML skips. A second server starts from a
+model store that lacks the caption model (what used to abort ``bentoml serve``) and must serve
+music while answering captions with a 503 that names the missing tag.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import signal
@@ -21,6 +24,8 @@ import httpx
 import pretty_midi
 import pytest
 from test_service import image_bytes, tiny_exports
+
+pytest.importorskip("bentoml", reason="serving needs BentoML (pip install 'bbservice[serve]')")
 
 from bbservice.errors import ConfigError
 from bbservice.serve_cli import SERVICE, build_command
@@ -47,19 +52,11 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    exports = tiny_exports()
-    tmp = tmp_path_factory.mktemp("e2e")
+@contextlib.contextmanager
+def start_server(tmp: Path, extra_args: list[str], env: dict[str, str]):
+    """(client, process) of a ready ``bbservice serve``; fails with the log tail otherwise."""
     port = free_port()
-    env = dict(os.environ, BENTOML_HOME=str(tmp / "bentoml"), BENTOML_DO_NOT_TRACK="True")
-    command = [sys.executable, "-m", "bbservice.cli", "serve", "--port", str(port)]
-    command += [
-        "--music-export",
-        str(exports["music"]),
-        "--caption-export",
-        str(exports["caption"]),
-    ]
+    command = [sys.executable, "-m", "bbservice.cli", "serve", "--port", str(port), *extra_args]
     log = (tmp / "server.log").open("wb")
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -78,14 +75,61 @@ def server(tmp_path_factory):
                     break
                 time.sleep(0.25)
         if not ready:
-            tail = (tmp / "server.log").read_text(errors="replace")[-1500:]
+            tail = (tmp / "server.log").read_text(errors="replace")[-3000:]
             state = f"exited with {proc.returncode}" if proc.poll() is not None else "running"
-            pytest.skip(f"bentoml serve not ready in {START_TIMEOUT_S} s ({state}): {tail}")
+            pytest.fail(f"bentoml serve not ready in {START_TIMEOUT_S} s ({state}): {tail}")
         with httpx.Client(base_url=base, timeout=60) as client:
             yield client, proc, tmp / "server.log"
     finally:
         _stop(proc)
         log.close()
+
+
+def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BBSERVICE_")}
+    return {**env, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", **extra}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    exports = tiny_exports()
+    tmp = tmp_path_factory.mktemp("e2e")
+    args = ["--music-export", str(exports["music"]), "--caption-export", str(exports["caption"])]
+    with start_server(tmp, args, clean_env(tmp)) as running:
+        yield running
+
+
+def test_a_model_missing_from_the_store_leaves_the_other_serving(tmp_path):
+    """BentoML resolves declared models at start: a missing one used to abort the server."""
+    exports = tiny_exports()
+    env = clean_env(tmp_path, BBSERVICE_READY="any")
+    save = (
+        "import json, sys; from pathlib import Path; from export.onnx_export import save_to_store;"
+        "f = Path(sys.argv[1]); print(save_to_store('music', f, "
+        "json.loads((f / 'manifest.json').read_text())))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", save, str(exports["music"])],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    music_tag = proc.stdout.strip().splitlines()[-1]
+    env["BBSERVICE_MUSIC_TAG"] = music_tag  # pinned
+    with start_server(tmp_path, [], env) as (client, _):
+        models = client.post("/models").json()
+        assert models["ready"] is True and models["alive"] is True
+        assert models["models"]["music"]["tag"] == music_tag
+        caption = models["models"]["caption"]
+        assert caption["state"] == "failed" and "bbservice-caption:latest" in caption["error"]
+        r = client.post("/caption", files={"image": ("a.png", image_bytes(), "image/png")})
+        assert r.status_code == 503 and "bbservice-caption:latest" in r.json()["error"]
+        assert r.json()["status"] == 503
+        assert client.post("/generate", json={"frames": 8}).status_code == 200
+        assert client.get("/livez").status_code == 200
 
 
 def test_serve_caption_generate_and_shut_down(server):

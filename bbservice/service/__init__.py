@@ -14,21 +14,28 @@ page at ``/``)::
 (torch is imported only then) and needs the training checkpoint next to the export.
 
 Models come from BentoML's model store (``bbservice-music:latest``,
-``bbservice-caption:latest``, written by ``bbservice export``) unless an environment variable
-points at an export folder (:mod:`.settings` lists them all).
+``bbservice-caption:latest``, written by ``bbservice export``; ``BBSERVICE_*_TAG`` pins another
+version, ``BBSERVICE_MODELS`` serves one kind only) unless an environment variable points at an
+export folder (:mod:`.settings` lists them all).
 
-Readiness: ``/readyz`` answers 503 until a warm-up inference of every model has passed (run in
-a background thread, so ``/livez`` answers at once); a model that fails to load or to warm up
-keeps the service unready and ``/models`` says why. Every response echoes the model's content
-hash, the decoding parameters and the seed; the same request gives the same answer.
+Readiness: ``/readyz`` answers 503 until a warm-up inference of the served models has passed
+(``BBSERVICE_READY=all``, or of one of them with ``any``; run in a background thread, so
+``/livez`` answers at once). A model that is missing, fails to load or to warm up fails alone:
+its endpoints answer 503 with the reason, ``/models`` and the log say why, the other model keeps
+serving; ``/livez`` turns 503 once the readiness policy can never be met. Every response echoes
+the model's content hash, the decoding parameters and the seed; the same request gives the same
+answer.
 
 The package::
 
     app.py        the endpoints: validate, call a slot, shape the answer
     settings.py   limits and the BBSERVICE_* environment variables
-    http.py       one error shape, the endpoints' error glue, the ASGI request guard, GET /models
+    http.py       one error shape, the endpoints' error glue, the ASGI request guard (body
+                  limit, requests in flight, timeout), GET /models
+    store.py      the model-store references: what is declared to BentoML, what is loaded
     slots.py      model slots: export + PyTorch twin, warm-up, running the models
     batching.py   adaptive batching of caption requests
+    queues.py     the bounded per-kind queues of stochastic requests
     answers.py    the JSON bodies (caption items, music outputs, /models)
     schemas.py    the OpenAPI response shapes
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 from typing import Any
 
@@ -83,6 +84,11 @@ def music_outputs(slot: ModelSlot, rolls: np.ndarray, params: dict, primer_frame
             }
         )
     return outputs
+
+
+def encode(body: dict) -> bytes:
+    """A JSON body as bytes, as starlette's JSONResponse renders it (no NaN, UTF-8)."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def slot_report(slot: ModelSlot) -> dict[str, Any]:

@@ -24,20 +24,18 @@ from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
 import bbservice
-from bbservice import runtime
 from bbservice.deployment import configure_logging, service_resources
-from bbservice.errors import ConfigError, DataError, first_line
+from bbservice.errors import ConfigError, first_line
 from bbservice.images import load_image, preprocess
 from bbservice.pianoroll import parse_primer, rolls_to_midi_bytes
-from bbservice.service import answers, slots
+from bbservice.service import answers, slots, store
 from bbservice.service.batching import CaptionBatcher
 from bbservice.service.http import GetModels, HTTPError, RequestGuard, answers_errors
+from bbservice.service.queues import BoundedQueue
 from bbservice.service.schemas import CaptionResponse, Mode, MusicRequest, MusicResponse, Seed
 from bbservice.service.settings import (
-    KINDS,
     MAX_BEAM,
     MAX_CAPTION_WORDS,
-    MAX_CONCURRENCY,
     MAX_DIVERSITY,
     MAX_PRIMER_BYTES,
     MAX_PRIMER_FRAMES,
@@ -47,7 +45,6 @@ from bbservice.service.settings import (
     WARMUP_WAIT_S,
     Settings,
     device_from_env,
-    export_folder_from_env,
 )
 from bbservice.service.slots import ModelSlot
 from bbservice.service_metrics import service_metrics
@@ -59,36 +56,60 @@ configure_logging()  # the project's INFO lines (real providers) pass BentoML's 
 warnings.filterwarnings("ignore", message="Unable to serialize value None with the plain serial")
 
 
+def _backstop_timeout() -> float:
+    """BentoML's own request timeout: a backstop that RequestGuard's (BBSERVICE_TIMEOUT_S,
+    answered in the one error shape) always beats. BentoML's ``max_concurrency`` is left unset
+    for the same reason: RequestGuard answers the 429s."""
+    try:
+        return Settings.from_env().timeout_s + 30.0
+    except ConfigError:
+        return REQUEST_TIMEOUT_S + 30.0
+
+
 @bentoml.service(
     name="bbservice",
     resources=service_resources(device_from_env()),
     workers=1,
-    traffic={"timeout": REQUEST_TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY},
+    traffic={"timeout": _backstop_timeout()},
     labels={"project": "bbservice"},
 )
 class BBService:
     """Captions (attention LSTM with Beta gates) and polyphonic music (piano-roll LSTM)."""
 
-    # Model-store references: `bentoml build` packs them and `bentoml serve` fetches them at
-    # start. Left out where an export folder replaces the store entry (set before import).
-    if not export_folder_from_env("music"):
-        music_model = bentoml.models.BentoModel(f"{runtime.STORE_NAMES['music']}:latest")
-    if not export_folder_from_env("caption"):
-        caption_model = bentoml.models.BentoModel(f"{runtime.STORE_NAMES['caption']}:latest")
+    # Model-store references: `bentoml build` packs them and `bentoml serve` resolves them at
+    # start, aborting on any that is missing. So only models that are served, not replaced by
+    # an export folder and present in the store are declared (None otherwise: BentoML skips
+    # it); a missing one fails its slot alone (`store.declared_model`).
+    music_model = store.declared_model("music")
+    caption_model = store.declared_model("caption")
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
-        self.slots = {kind: ModelSlot(kind) for kind in KINDS}
+        self.slots = {kind: ModelSlot(kind) for kind in self.settings.models}
         self.metrics = service_metrics()  # here, after BentoML's multiprocess setup
         self.batcher = CaptionBatcher(
             self._caption_batch,
             self.settings.max_batch,
             lambda n: self.metrics.set_queue_depth("caption", n),
         )
-        self.waiting = {(kind, stochastic): 0 for kind in KINDS for stochastic in (False, True)}
+        self.waiting = dict.fromkeys(self.slots, 0)  # mean requests waiting, per kind
         self.prep_limiter = anyio.CapacityLimiter(2)
+        self.encode_limiter = anyio.CapacityLimiter(2)
         self.music_limiter = anyio.CapacityLimiter(1)
-        self.stochastic_limiter = anyio.CapacityLimiter(1)
+        depth = self.settings.stochastic_queue
+        self.stochastic = {
+            k: BoundedQueue(
+                f"stochastic {k}",
+                depth,
+                on_depth=lambda n, k=k: self.metrics.set_stochastic_queue_depth(k, n),
+            )
+            for k in self.slots
+        }
+        log.info(
+            "serving %s; readiness policy %s (BBSERVICE_READY)",
+            ", ".join(self.slots),
+            self.settings.ready,
+        )
         self.warmup = threading.Thread(target=self._warm_up, name="bbservice-warmup", daemon=True)
         self.warmup.start()
 
@@ -100,7 +121,15 @@ class BBService:
     # -- readiness --------------------------------------------------------------------------
 
     def __is_ready__(self) -> bool:
-        return all(slot.state == "warm" for slot in self.slots.values())
+        """BBSERVICE_READY=all: every served model is warm; any: at least one is."""
+        warm = [slot.state == "warm" for slot in self.slots.values()]
+        return all(warm) if self.settings.ready == "all" else any(warm)
+
+    def __is_alive__(self) -> bool:
+        """False once readiness can never come: a model the policy needs failed to load or to
+        warm up (all: any served model failed; any: every one failed). Still warming is alive."""
+        failed = [slot.state == "failed" for slot in self.slots.values()]
+        return not (any(failed) if self.settings.ready == "all" else all(failed))
 
     def _warm_up(self) -> None:
         """Load and warm every slot (readiness), then the optional PyTorch models. (CUDA
@@ -132,18 +161,9 @@ class BBService:
         if folder:
             slot.source = "export folder"
             return Path(folder)
-        name = runtime.STORE_NAMES[slot.kind]
-        ref = type(self).__dict__.get(f"{slot.kind}_model") or bentoml.models.BentoModel(
-            f"{name}:latest"
-        )
-        stored = ref.stored
-        if stored is None:
-            raise DataError(
-                f"model '{ref.tag}' is not in the BentoML model store; run "
-                f"`bbservice export {slot.kind} CHECKPOINT` or set "
-                f"BBSERVICE_{slot.kind.upper()}_EXPORT to an export folder"
-            )
-        slot.source, slot.tag = "model store", str(stored.tag)
+        slot.source, slot.tag = "model store", self.settings.store_tag(slot.kind)
+        stored = store.stored_model(slot.kind, self.settings)
+        slot.tag = str(stored.tag)
         slot.created = stored.info.creation_time.isoformat(timespec="seconds")
         return Path(stored.path)
 
@@ -154,7 +174,12 @@ class BBService:
         slots.warm_caption(slot)
 
     async def _ready(self, kind: str) -> ModelSlot:
-        slot = self.slots[kind]
+        slot = self.slots.get(kind)
+        if slot is None:
+            served = ",".join(self.slots)
+            raise HTTPError(
+                404, f"this deployment does not serve the {kind} model (BBSERVICE_MODELS={served})"
+            )
         deadline = time.monotonic() + WARMUP_WAIT_S
         while not slot.event.is_set():
             if time.monotonic() > deadline:
@@ -167,20 +192,16 @@ class BBService:
     async def _in_thread(self, limiter: anyio.CapacityLimiter, fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
-    async def _queued(self, kind: str, stochastic: bool, limiter: anyio.CapacityLimiter, fn, *args):
+    async def _queued(self, kind: str, limiter: anyio.CapacityLimiter, fn, *args):
         """``fn(*args)`` in a thread once ``limiter`` has room; while waiting the request counts
-        in the queue-depth gauge of its kind (``stochastic``: the PyTorch path's gauge)."""
-        key = (kind, stochastic)
-        set_depth = (
-            self.metrics.set_stochastic_queue_depth if stochastic else self.metrics.set_queue_depth
-        )
-        self.waiting[key] += 1
-        set_depth(kind, self.waiting[key])
+        in its kind's queue-depth gauge (stochastic requests have their own queues)."""
+        self.waiting[kind] += 1
+        self.metrics.set_queue_depth(kind, self.waiting[kind])
         try:
             await limiter.acquire()
         finally:
-            self.waiting[key] -= 1
-            set_depth(kind, self.waiting[key])
+            self.waiting[kind] -= 1
+            self.metrics.set_queue_depth(kind, self.waiting[kind])
         try:
             return await anyio.to_thread.run_sync(fn, *args)
         finally:
@@ -269,29 +290,36 @@ class BBService:
             headers["X-BBService-Batch-Size"] = str(batch)
             body["captions"] = [answers.caption_item(slot, h, attention) for h in hyps]
         else:
-            result = await self._queued(
-                "caption",
-                True,
-                self.stochastic_limiter,
-                slots.caption_passes,
-                slot,
-                array,
-                params,
-                self._steps_hook("caption"),
+            result = await self.stochastic["caption"].run(
+                slots.caption_passes, slot, array, params, self._steps_hook("caption")
             )
             body["captions"] = answers.stochastic_items(slot, result, attention)
             body["uncertainty"] = answers.uncertainty(result)
-        return JSONResponse(body, headers=headers)
+        return await self._json(body, headers)
+
+    async def _json(self, body: dict, headers: dict) -> Response:
+        """A JSON answer, encoded in a worker thread: bodies can be megabytes (notes, attention
+        maps, PNG rolls), and encoding them on the event loop would stall every request."""
+        data = await self._in_thread(self.encode_limiter, answers.encode, body)
+        return Response(data, media_type="application/json", headers=headers)
 
     # -- music ------------------------------------------------------------------------------
 
     @staticmethod
-    def _music_params(*, frames, temperature, seed, tempo, num_outputs, mode) -> dict:
-        if frames * num_outputs > MAX_TOTAL_FRAMES:
+    def _check_frame_budget(frames: int, num_outputs: int, primer_frames: int = 0) -> None:
+        """Every output repeats the primer: (primer frames + frames) x num_outputs is the work
+        and the size of the answer, and must stay within MAX_TOTAL_FRAMES."""
+        total = (primer_frames + frames) * num_outputs
+        if total > MAX_TOTAL_FRAMES:
+            what = "(primer frames + frames)" if primer_frames else "frames"
             raise ConfigError(
-                f"frames x num_outputs = {frames * num_outputs} is more than the limit of "
+                f"{what} x num_outputs = {total} is more than the limit of "
                 f"{MAX_TOTAL_FRAMES} per request"
             )
+
+    @classmethod
+    def _music_params(cls, *, frames, temperature, seed, tempo, num_outputs, mode) -> dict:
+        cls._check_frame_budget(frames, num_outputs)
         return {
             "frames": frames,
             "temperature": temperature,
@@ -307,18 +335,21 @@ class BBService:
         roll_primer = None
         if primer is not None:
             roll_primer = await self._in_thread(self.prep_limiter, self._parse_primer, primer, slot)
-        stochastic = params["mode"] == "stochastic"
-        limiter = self.stochastic_limiter if stochastic else self.music_limiter
-        rolls = await self._queued(
-            "music",
-            stochastic,
-            limiter,
-            slots.music_rolls,
-            slot,
-            params,
-            roll_primer,
-            self._steps_hook("music"),
-        )
+            self._check_frame_budget(params["frames"], params["num_outputs"], len(roll_primer))
+        if params["mode"] == "stochastic":
+            rolls = await self.stochastic["music"].run(
+                slots.music_rolls, slot, params, roll_primer, self._steps_hook("music")
+            )
+        else:
+            rolls = await self._queued(
+                "music",
+                self.music_limiter,
+                slots.music_rolls,
+                slot,
+                params,
+                roll_primer,
+                self._steps_hook("music"),
+            )
         return slot, rolls, 0 if roll_primer is None else len(roll_primer)
 
     @staticmethod
@@ -383,7 +414,7 @@ class BBService:
             "seed": params["seed"],
             "grid": slot.export.grid,
         }
-        return JSONResponse(body, headers=self._music_headers(slot, params, primer_frames))
+        return await self._json(body, self._music_headers(slot, params, primer_frames))
 
     # -- what is loaded ---------------------------------------------------------------------
 
@@ -396,11 +427,15 @@ class BBService:
         import onnxruntime
 
         out = {kind: answers.slot_report(slot) for kind, slot in self.slots.items()}
-        if self.slots["caption"].export is not None:
+        if "caption" in self.slots and self.slots["caption"].export is not None:
             out["caption"]["batching"] = self.batcher.stats()
+        for kind, queue in self.stochastic.items():
+            out[kind]["stochastic_queue"] = queue.stats()
         return JSONResponse(
             {
                 "ready": self.__is_ready__(),
+                "alive": self.__is_alive__(),
+                "ready_policy": self.settings.ready,
                 "models": out,
                 "limits": self.settings.limits(),
                 "available_providers": onnxruntime.get_available_providers(),

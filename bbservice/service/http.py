@@ -3,12 +3,15 @@ ASGI guard that runs before BentoML parses a request.
 
 Every answer other than 200 is ``{"error": one line, "status": code}`` with the header
 ``X-BBService-Error: 1``: :class:`HTTPError` and the project's errors through
-:func:`answers_errors`; BentoML's own 4xx answers (validation) rewritten by
-:class:`RequestGuard`.
+:func:`answers_errors`; BentoML's own error answers (validation, 404, 405) rewritten by
+:class:`RequestGuard`, which also owns the request limits that BentoML's ``traffic``
+middlewares would otherwise answer in their own shape (they run outside any service
+middleware): requests in flight (429) and the request timeout (504).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -72,24 +75,87 @@ def answers_errors(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
 # --------------------------------------------------------------------------------------------
 
 
-class RequestGuard:
-    """ASGI middleware: body limit (413) and file fields that really are files (400).
+BYPASS_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 
-    The body of a ``POST`` is read here (at most ``max_bytes``; a larger ``Content-Length`` is
-    refused before reading) and replayed to the application. For the endpoints that take files,
-    a form whose file field holds text is refused: BentoML would otherwise treat the text as a
-    URL to download.
+
+class RequestGuard:
+    """ASGI middleware: requests in flight (429), the request timeout (504), the body limit
+    (413), file fields that really are files (400), and every error answer in the one shape.
+
+    At most ``max_concurrency`` requests run at once (health and metrics paths excepted); one
+    more is refused at once. A request without an answer after ``timeout_s`` is cancelled and
+    answered 504. The body of a ``POST`` is read here (at most ``max_bytes``; a larger
+    ``Content-Length`` is refused before reading) and replayed to the application. For the
+    endpoints that take files, a form whose file field holds text is refused: BentoML would
+    otherwise treat the text as a URL to download.
     """
 
-    def __init__(self, app, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        app,
+        max_bytes: int | None = None,
+        max_concurrency: int | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        settings = Settings.from_env()
         self.app = app
-        self.max_bytes = max_bytes or Settings.from_env().max_upload_bytes
+        self.max_bytes = max_bytes or settings.max_upload_bytes
+        self.max_concurrency = max_concurrency or settings.max_concurrency
+        self.timeout_s = timeout_s or settings.timeout_s
+        self.in_flight = 0
 
     async def _reply(self, scope, receive, send, status: int, message: str) -> None:
         await error_response(status, message)(scope, receive, send)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["path"] in BYPASS_PATHS:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_concurrency:
+            message = (
+                f"too many requests: {self.max_concurrency} already in flight "
+                "(BBSERVICE_MAX_CONCURRENCY); retry later"
+            )
+            return await self._reply(scope, receive, send, 429, message)
+        self.in_flight += 1
+        started = asyncio.Event()
+        timed_out = False
+
+        async def watched_send(message) -> None:
+            if timed_out:
+                return  # the client already has its 504
+            started.set()
+            await send(message)
+
+        task = asyncio.ensure_future(self._guarded(scope, receive, watched_send))
+        task.add_done_callback(self._finished)
+        waiter = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait(
+                {task, waiter}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            waiter.cancel()
+        if not task.done() and not started.is_set():
+            timed_out = True
+            task.cancel()  # not awaited: work in a thread finishes, its answer is dropped
+            message = (
+                f"no answer within {self.timeout_s:g} s (BBSERVICE_TIMEOUT_S); the request "
+                "was cancelled"
+            )
+            return await self._reply(scope, receive, send, 504, message)
+        await task
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.in_flight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request failed in the guard: %s", first_line(task.exception()))
+
+    async def _guarded(self, scope, receive, send) -> None:
+        send = _ErrorRewriter(send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         body, problem = await self._read_body(headers, receive)
@@ -112,7 +178,7 @@ class RequestGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, _ClientErrorRewriter(send))
+        await self.app(scope, replay, send)
 
     async def _read_body(self, headers: Headers, receive) -> tuple[bytes | None, tuple | None]:
         """(body, None), or (None, (status, message)) when refused, or (None, None) when the
@@ -177,7 +243,7 @@ FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 def client_error_body(status: int, body: bytes) -> bytes:
-    """BentoML's 4xx bodies in this service's shape: ``{"error": one line, "status": ...}``.
+    """BentoML's error bodies in this service's shape: ``{"error": one line, "status": ...}``.
 
     Validation errors (``{"error": "1 validation error for Input", "detail": [...]}``) become
     ``"beam_size: Input should be less than or equal to 10"``; ``[{"error": ...}]`` is unwrapped.
@@ -205,8 +271,9 @@ def client_error_body(status: int, body: bytes) -> bytes:
     return json.dumps(out).encode()
 
 
-class _ClientErrorRewriter:
-    """An ASGI ``send`` that rewrites 4xx bodies not made here with :func:`client_error_body`."""
+class _ErrorRewriter:
+    """An ASGI ``send`` that rewrites error bodies (>= 400) not made here with
+    :func:`client_error_body`."""
 
     def __init__(self, send) -> None:
         self.send = send
@@ -216,7 +283,7 @@ class _ClientErrorRewriter:
     async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
             ours = any(k.lower() == b"x-bbservice-error" for k, _ in message.get("headers", []))
-            if 400 <= message["status"] < 500 and not ours:
+            if message["status"] >= 400 and not ours:
                 self.start = message
                 return
         elif message["type"] == "http.response.body" and self.start is not None:

@@ -15,6 +15,15 @@ Environment variables (all optional)::
     BBSERVICE_MAX_UPLOAD_BYTES   request body limit (default 10 MiB) -> 413
     BBSERVICE_MAX_PIXELS         image pixel limit (default 25 M) -> 413
     BBSERVICE_MAX_BATCH          caption adaptive-batch size (default 16; 1 = no batching)
+    BBSERVICE_MODELS             the kinds served: music,caption (default) | music | caption
+    BBSERVICE_MUSIC_TAG, BBSERVICE_CAPTION_TAG
+                                 model-store tag to serve (default ``bbservice-<kind>:latest``;
+                                 a bare version means ``bbservice-<kind>:VERSION``)
+    BBSERVICE_READY              all (default): ready once every served model is warm | any:
+                                 ready once one is; liveness fails once that can never happen
+    BBSERVICE_STOCHASTIC_QUEUE   stochastic requests waiting per model kind (default 4) -> 429
+    BBSERVICE_MAX_CONCURRENCY    requests in flight per worker (default 128) -> 429
+    BBSERVICE_TIMEOUT_S          seconds until a request without an answer gets 504 (default 60)
 """
 
 from __future__ import annotations
@@ -38,10 +47,12 @@ MAX_TOTAL_FRAMES = 8192  # frames x num_outputs of one request
 MAX_PRIMER_FRAMES = 2048
 MAX_PRIMER_BYTES = 1 << 20
 MAX_SEED = 2**63 - 1
-REQUEST_TIMEOUT_S = 60.0
-MAX_CONCURRENCY = 128  # per worker; more concurrent requests get 429
+REQUEST_TIMEOUT_S = 60.0  # default of BBSERVICE_TIMEOUT_S
+MAX_CONCURRENCY = 128  # default of BBSERVICE_MAX_CONCURRENCY (per worker); more get 429
+STOCHASTIC_QUEUE = 4  # default of BBSERVICE_STOCHASTIC_QUEUE: waiting stochastic requests per kind
 WARMUP_WAIT_S = 30.0  # how long a request waits for a model that is still warming up
 KINDS = ("music", "caption")
+READY_POLICIES = ("all", "any")
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int, low: int) -> int:
@@ -62,6 +73,47 @@ def _env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[
     if value not in choices:
         raise ConfigError(f"{name}={value!r}; choose one of {', '.join(choices)}")
     return value
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float, low: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not value >= low:  # also refuses NaN
+        raise ConfigError(f"{name} must be >= {low}, got {raw}")
+    return value
+
+
+def served_kinds_from_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """``BBSERVICE_MODELS``: the model kinds this deployment serves (default both)."""
+    env = os.environ if env is None else env
+    raw = env.get("BBSERVICE_MODELS") or ",".join(KINDS)
+    kinds = [k.strip() for k in raw.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ConfigError(
+            f"BBSERVICE_MODELS={raw!r}; give one or more of {', '.join(KINDS)}, comma-separated"
+        )
+    return tuple(k for k in KINDS if k in kinds)
+
+
+def store_tag_from_env(kind: str, env: Mapping[str, str] | None = None) -> str:
+    """``BBSERVICE_{KIND}_TAG``: the model-store tag to serve (default ``NAME:latest``); a bare
+    version means ``NAME:VERSION``."""
+    env = os.environ if env is None else env
+    name = runtime.STORE_NAMES[kind]
+    raw = (env.get(f"BBSERVICE_{kind.upper()}_TAG") or "").strip()
+    if not raw:
+        return f"{name}:latest"
+    tag = raw if ":" in raw else f"{name}:{raw}"
+    store_name, _, version = tag.partition(":")
+    if not store_name or not version or any(c.isspace() for c in tag):
+        raise ConfigError(f"BBSERVICE_{kind.upper()}_TAG={raw!r} is not a tag (NAME:VERSION)")
+    return tag
 
 
 def export_folder_from_env(kind: str, env: Mapping[str, str] | None = None) -> str | None:
@@ -92,6 +144,13 @@ class Settings:
     max_upload_bytes: int = 10 << 20
     max_pixels: int = 25_000_000
     max_batch: int = 16
+    models: tuple[str, ...] = KINDS
+    music_tag: str = "bbservice-music:latest"
+    caption_tag: str = "bbservice-caption:latest"
+    ready: str = "all"
+    stochastic_queue: int = STOCHASTIC_QUEUE
+    max_concurrency: int = MAX_CONCURRENCY
+    timeout_s: float = REQUEST_TIMEOUT_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -109,10 +168,20 @@ class Settings:
             max_upload_bytes=_env_int(env, "BBSERVICE_MAX_UPLOAD_BYTES", 10 << 20, 1024),
             max_pixels=_env_int(env, "BBSERVICE_MAX_PIXELS", 25_000_000, 1),
             max_batch=_env_int(env, "BBSERVICE_MAX_BATCH", 16, 1),
+            models=served_kinds_from_env(env),
+            music_tag=store_tag_from_env("music", env),
+            caption_tag=store_tag_from_env("caption", env),
+            ready=_env_choice(env, "BBSERVICE_READY", "all", READY_POLICIES),
+            stochastic_queue=_env_int(env, "BBSERVICE_STOCHASTIC_QUEUE", STOCHASTIC_QUEUE, 0),
+            max_concurrency=_env_int(env, "BBSERVICE_MAX_CONCURRENCY", MAX_CONCURRENCY, 1),
+            timeout_s=_env_float(env, "BBSERVICE_TIMEOUT_S", REQUEST_TIMEOUT_S, 0.1),
         )
 
     def export_folder(self, kind: str) -> str | None:
         return self.music_export if kind == "music" else self.caption_export
+
+    def store_tag(self, kind: str) -> str:
+        return self.music_tag if kind == "music" else self.caption_tag
 
     def checkpoint_folder(self, kind: str) -> str | None:
         return self.music_checkpoint if kind == "music" else self.caption_checkpoint
@@ -130,6 +199,7 @@ class Settings:
             "max_frames": MAX_FRAMES,
             "max_outputs": MAX_OUTPUTS,
             "max_total_frames": MAX_TOTAL_FRAMES,
-            "request_timeout_s": REQUEST_TIMEOUT_S,
-            "max_concurrency": MAX_CONCURRENCY,
+            "request_timeout_s": self.timeout_s,
+            "max_concurrency": self.max_concurrency,
+            "stochastic_queue": self.stochastic_queue,
         }
