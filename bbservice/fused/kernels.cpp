@@ -212,21 +212,38 @@ inline double gamma_kl(double a, double a0, double lgamma_a0) {
 // Marsaglia-Tsang for Gamma(alpha + 1): d = alpha + 2/3, c = 1/sqrt(9 d)
 // ------------------------------------------------------------------------------------------
 
-template <typename T> BB_INLINE bool accepted(T d, T c, T e, T log_u) {
+// acceptance of candidate e; log_t = log(1 + c e) (reused by the log-Gamma formula)
+template <typename T> BB_INLINE bool accepted(T d, T c, T e, T log_u, T& log_t) {
   T t = T(1) + c * e;
   T tc = t > T(0) ? t : T(1e-30);
-  return (t > T(0)) & (log_u < T(0.5) * e * e + d - d * t * t * t + T(3) * d * vlog<T>(tc));
+  log_t = vlog<T>(tc);
+  return (t > T(0)) & (log_u < T(0.5) * e * e + d - d * t * t * t + T(3) * d * log_t);
 }
 
+// two uniforms from counter ctr: float takes both from one 64-bit draw, double uses two
+template <typename T> BB_INLINE void uniform2(uint64_t key, uint64_t ctr, T& a, T& b);
+template <> BB_INLINE void uniform2<float>(uint64_t key, uint64_t ctr, float& a, float& b) {
+  uint64_t x = draw64(key, ctr);
+  a = uniform<float>(x);
+  b = (static_cast<float>(static_cast<int32_t>((x >> 8) & 0xFFFFFF)) + 0.5f) *
+      5.9604644775390625e-8f;
+}
+template <> BB_INLINE void uniform2<double>(uint64_t key, uint64_t ctr, double& a, double& b) {
+  a = uniform<double>(draw64(key, 2 * ctr));
+  b = uniform<double>(draw64(key, 2 * ctr + 1));
+}
+
+// proposal r of an entry: a normal candidate (Box-Muller), log U of its acceptance test, and
+// log U of the boost (used from proposal 0 only)
 template <typename T> struct Proposal {
-  T eps, log_u_accept;
+  T eps, log_u_accept, log_u_boost;
 };
 template <typename T> BB_INLINE Proposal<T> proposal(uint64_t key, uint64_t base, int r) {
-  uint64_t slot = base + 1 + 3 * static_cast<uint64_t>(r);
-  T u1 = uniform<T>(draw64(key, slot));
-  T u2 = uniform<T>(draw64(key, slot + 1));
-  T ua = uniform<T>(draw64(key, slot + 2));
-  return {std::sqrt(T(-2) * vlog<T>(u1)) * vcos2pi<T>(u2), vlog<T>(ua)};
+  uint64_t slot = base + 2 * static_cast<uint64_t>(r);
+  T u1, u2, ua, ub;
+  uniform2<T>(key, slot, u1, u2);
+  uniform2<T>(key, slot + 1, ua, ub);
+  return {std::sqrt(T(-2) * vlog<T>(u1)) * vcos2pi<T>(u2), vlog<T>(ua), vlog<T>(ub)};
 }
 
 template <int FAM> constexpr int gate_blocks() {
@@ -303,12 +320,15 @@ template <typename T, int FAM> struct BetaGates {
       f = tf / (tf + (vexp<T>(l2 - mf) + vexp<T>(l4 - mf)));
     }
   }
-  // (gi, gf) contracted with d(i, f)/d log G, times dl[k * H + j] (d log G / d alpha),
-  // written to g[k * H + j]
-  static BB_INLINE void from_log_grad(const T* l, const T* dl, int64_t H, int64_t j, T gi, T gf,
+  // sampled gates, then tail(j, i, f, gi, gf) for their gradients, then (gi, gf) contracted
+  // with d(i, f)/d log G times dl[k * H + j] (d log G / d alpha), written to g[k * H + j]
+  template <typename F>
+  static BB_INLINE void from_log_grad(const T* l, const T* dl, int64_t H, int64_t j, F tail,
                                       T* g) {
+    T gi, gf;
     if (FAM == BETA) {
       T i = sigmoid<T>(l[j] - l[H + j]), f = sigmoid<T>(l[2 * H + j] - l[3 * H + j]);
+      tail(j, i, f, gi, gf);
       T di = gi * i * (T(1) - i), df = gf * f * (T(1) - f);
       g[j] = di * dl[j];
       g[H + j] = -di * dl[H + j];
@@ -316,6 +336,7 @@ template <typename T, int FAM> struct BetaGates {
       g[3 * H + j] = -df * dl[3 * H + j];
     } else if (FAM == BBETA3) {
       T i = sigmoid<T>(l[j] - l[2 * H + j]), f = sigmoid<T>(l[H + j] - l[2 * H + j]);
+      tail(j, i, f, gi, gf);
       T di = gi * i * (T(1) - i), df = gf * f * (T(1) - f);
       g[j] = di * dl[j];
       g[H + j] = df * dl[H + j];
@@ -331,6 +352,7 @@ template <typename T, int FAM> struct BetaGates {
       T v4 = vexp<T>(l4 - mf);
       T ti = w0 + w2, bi = w3 + w4, si = ti + bi;
       T tf = v1 + v3, bf = v2 + v4, sf = tf + bf;
+      tail(j, ti / si, tf / sf, gi, gf);
       T qi = gi / (si * si), qf = gf / (sf * sf);
       T pi = qi * bi, mni = -qi * ti, pf = qf * bf, mnf = -qf * tf;
       g[j] = pi * w0 * dl[j];
@@ -368,8 +390,8 @@ int forward_row(const Params& p, int64_t b, std::vector<T>& buf, std::vector<uns
       const T prob = T(p.g2_prob);
       #pragma omp simd
       for (int64_t j = 0; j < 2 * H; ++j) {
-        T u = uniform<T>(draw64(key, (base + j) * 2));
-        T keep = uniform<T>(draw64(key, (base + j) * 2 + 1));
+        T u, keep;
+        uniform2<T>(key, base + j, u, keep);
         u = u < T(1e-6) ? T(1e-6) : (u > T(1) - T(1e-6) ? T(1) - T(1e-6) : u);
         T logistic = vlog<T>(u) - vlog1p<T>(-u);
         noise[j] = (prob >= T(1) || keep < prob) ? logistic : T(0);
@@ -424,9 +446,11 @@ int forward_row(const Params& p, int64_t b, std::vector<T>& buf, std::vector<uns
         T d = a + T(2.0 / 3.0);
         T c = T(1) / std::sqrt(T(9) * d);
         Proposal<T> pr = proposal<T>(key, base, 0);
-        lub[k] = vlog<T>(uniform<T>(draw64(key, base)));
+        lub[k] = pr.log_u_boost;
         eps[k] = pr.eps;
-        rej[k] = !accepted<T>(d, c, pr.eps, pr.log_u_accept);
+        T log_t;
+        rej[k] = !accepted<T>(d, c, pr.eps, pr.log_u_accept, log_t);
+        logg[k] = vlog<T>(d) + T(3) * log_t + pr.log_u_boost / a;
       }
       for (int64_t k = 0; k < NH; ++k) {  // the few rejected entries: further proposals
         if (!rej[k]) continue;
@@ -436,15 +460,17 @@ int forward_row(const Params& p, int64_t b, std::vector<T>& buf, std::vector<uns
         int r = 1;
         for (; r < MAX_PROPOSALS; ++r) {
           Proposal<T> pr = proposal<T>(key, base, r);
-          if (accepted<T>(d, c, pr.eps, pr.log_u_accept)) {
+          T log_t;
+          if (accepted<T>(d, c, pr.eps, pr.log_u_accept, log_t)) {
             eps[k] = pr.eps;
+            logg[k] = vlog<T>(d) + T(3) * log_t + lub[k] / alpha[k];
             break;
           }
         }
         if (r == MAX_PROPOSALS) return 2;
       }
     }
-    if (MODE != MEAN) {
+    if (MODE == NOISE_IN) {
       #pragma omp simd
       for (int64_t k = 0; k < NH; ++k) {
         T a = alpha[k];
@@ -568,17 +594,13 @@ int backward_row(const Params& p, int64_t b, std::vector<T>& buf) {
     }
     #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      T i, f, gi, gf;
-      if (MODE == MEAN) {
-        BetaGates<T, FAM>::from_alpha(alpha, H, j, i, f);
-      } else {
-        BetaGates<T, FAM>::from_log(logg, H, j, i, f);
-      }
-      tail(j, i, f, gi, gf);
       if (MODE == MEAN) {  // d/d alpha for now
+        T i, f, gi, gf;
+        BetaGates<T, FAM>::from_alpha(alpha, H, j, i, f);
+        tail(j, i, f, gi, gf);
         BetaGates<T, FAM>::from_alpha_grad(alpha, H, j, gi, gf, gz);
       } else {
-        BetaGates<T, FAM>::from_log_grad(logg, dldA, H, j, gi, gf, gz);
+        BetaGates<T, FAM>::from_log_grad(logg, dldA, H, j, tail, gz);
       }
     }
     if (p.grad_kl) {
