@@ -46,6 +46,8 @@ struct Params {
   const void* grad_kl;  // (B, H) or null: gradient of the kl output
   void* grad_z;         // (B, K*H) out
   void* grad_c_prev;    // (B, H) out
+  int64_t save_log;     // Beta, RNG mode: the forward leaves log G in eps and d log G/d alpha in
+                        // lub (what the backward needs) instead of the noise
 };
 
 // ------------------------------------------------------------------------------------------
@@ -479,6 +481,18 @@ int forward_row(const Params& p, int64_t b, std::vector<T>& buf, std::vector<uns
         logg[k] = vlog<T>(d) + T(3) * vlog1p<T>(c * eps[k]) + lub[k] / a;
       }
     }
+    if (MODE == RNG && p.save_log) {
+      #pragma omp simd
+      for (int64_t k = 0; k < NH; ++k) {
+        T a = alpha[k];
+        T d = a + T(2.0 / 3.0);
+        T c = T(1) / std::sqrt(T(9) * d);
+        T ce = c * eps[k];
+        T dlda = T(1) / d - T(1.5) * ce / (d * (T(1) + ce)) - lub[k] / (a * a);
+        eps[k] = logg[k];
+        lub[k] = dlda;
+      }
+    }
     #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       T i, f;
@@ -580,11 +594,18 @@ int backward_row(const Params& p, int64_t b, std::vector<T>& buf) {
     T* dldA = buf.data() + 2 * NH;  // d log G / d alpha
     const T* eps = MODE == MEAN ? nullptr : static_cast<const T*>(p.eps) + b * NH;
     const T* lub = MODE == MEAN ? nullptr : static_cast<const T*>(p.lub) + b * NH;
-    #pragma omp simd
-    for (int64_t k = 0; k < NH; ++k) {
-      T a = softplus<T>(z[k]) + aeps;
-      alpha[k] = a;
-      if (MODE != MEAN) {
+    if (MODE == MEAN || p.save_log) {
+      #pragma omp simd
+      for (int64_t k = 0; k < NH; ++k) alpha[k] = softplus<T>(z[k]) + aeps;
+      if (p.save_log) {  // saved by the forward
+        logg = const_cast<T*>(eps);
+        dldA = const_cast<T*>(lub);
+      }
+    } else {
+      #pragma omp simd
+      for (int64_t k = 0; k < NH; ++k) {
+        T a = softplus<T>(z[k]) + aeps;
+        alpha[k] = a;
         T d = a + T(2.0 / 3.0);
         T c = T(1) / std::sqrt(T(9) * d);
         T ce = c * eps[k];

@@ -79,6 +79,7 @@ class _Params(ctypes.Structure):
                 "grad_h", "grad_c", "grad_kl", "grad_z", "grad_c_prev",
             )
         ],
+        ("save_log", ctypes.c_int64),
     ]  # fmt: skip
 
 
@@ -112,6 +113,7 @@ class _Spec(NamedTuple):
     n_gate: int  # gate blocks
     mode: int
     where: str
+    save_log: bool = False  # Beta, RNG: keep log G and d log G / d alpha instead of the noise
 
 
 def make_spec(config: GateConfig, mode: int, where: str) -> _Spec:
