@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from bbservice import fused as fused_kernels
 from bbservice.errors import ConfigError
 from bbservice.fused import FusedStepOutput, SequenceNoise, StepNoise, fused_step
-from bbservice.fused.sequence import FusedSequence
+from bbservice.fused.sequence import FusedSequence, run_inference
 from bbservice.fused.step import sequence_spec
 from bbservice.gates import Gate, GateConfig, GateOutput, make_gate, resolve_gate_mode, tanh
 
@@ -509,6 +509,16 @@ def _run_layer(
         seed = noise.seed if isinstance(noise, SequenceNoise) else 0
         out, h, c, kl_rows = FusedSequence.apply(
             xp, cell.weight_hh, h, c, active, spec, seed, want_kl
+        )
+        kl = None
+        if want_kl:
+            kl = (kl_rows * active[:, :, 0]).sum() if active is not None else kl_rows.sum()
+        return out, (h, c), kl, None
+    if fused and not torch.is_grad_enabled() and xp.dtype == h.dtype:
+        spec = sequence_spec(cell.config, mode, cell.gate.where)
+        seed = noise.seed if isinstance(noise, SequenceNoise) else 0
+        out, h, c, kl_rows = run_inference(
+            xp, h, c, active, spec, seed, cell.recurrent_matmuls(batch), want_kl
         )
         kl = None
         if want_kl:

@@ -247,18 +247,26 @@ def test_non_finite_alpha_in_the_sampler_itself_and_in_a_cell():
 
 def test_switch_turns_the_kernels_off(monkeypatch):
     calls = []
-    real = fused_mod.step.kernel_forward
+    real_step, real_caller = fused_mod.step.kernel_forward, fused_mod.step.KernelCaller.forward
 
-    def counting(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
+    def counting(real):
+        def wrapped(*args, **kw):
+            calls.append(1)
+            return real(*args, **kw)
 
-    monkeypatch.setattr("bbservice.fused.step.kernel_forward", counting)
-    monkeypatch.setattr("bbservice.fused.sequence.kernel_forward", counting)
+        return wrapped
+
+    monkeypatch.setattr("bbservice.fused.step.kernel_forward", counting(real_step))
+    monkeypatch.setattr("bbservice.fused.step.KernelCaller.forward", counting(real_caller))
     model = GatedLSTM(3, 4, gate="bbeta5")
     x = torch.randn(2, 2, 3)
     model(x)
-    assert calls, "fused by default"
+    assert calls, "fused by default (training)"
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(x)
+    assert calls, "fused by default (inference)"
+    model.train()
     calls.clear()
     model.fused = False
     model(x)

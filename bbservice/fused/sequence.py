@@ -10,14 +10,9 @@ matrix product ``dZᵀ H`` — as cuDNN / oneDNN LSTMs do — instead of a produ
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from bbservice.fused.step import (
-    _RNG,
-    _Spec,
-    kernel_backward,
-    kernel_forward,
-    noise_width,
-)
+from bbservice.fused.step import _RNG, KernelCaller, _Spec, noise_width
 
 
 class FusedSequence(torch.autograd.Function):
@@ -52,20 +47,21 @@ class FusedSequence(torch.autograd.Function):
         if active is not None:
             h_new, c_new = xp.new_empty(batch, hidden), xp.new_empty(batch, hidden)
         w_t = weight_hh.t()
+        call = KernelCaller(spec, xp.dtype, batch, hidden, seed)
         for t in range(steps):
             torch.addmm(xp[t], hs[t], w_t, out=zs[t])
             e = None if eps is None else eps[t]
             u = None if lub is None else lub[t]
             k = None if kl is None else kl[t]
             if active is None:
-                kernel_forward(spec, zs[t], cs[t], hs[t + 1], cs[t + 1], e, u, None, k, seed, t)
+                call.forward(t, zs[t], cs[t], hs[t + 1], cs[t + 1], e, u, k)
             else:
-                kernel_forward(spec, zs[t], cs[t], h_new, c_new, e, u, None, k, seed, t)
+                call.forward(t, zs[t], cs[t], h_new, c_new, e, u, k)
                 m = active[t]
                 torch.lerp(hs[t], h_new, m, out=hs[t + 1])
                 torch.lerp(cs[t], c_new, m, out=cs[t + 1])
                 torch.mul(h_new, m, out=out[t])
-        ctx.spec, ctx.want_kl = spec, want_kl
+        ctx.call, ctx.want_kl = call, want_kl
         ctx.save_for_backward(zs, hs, cs, eps, lub, weight_hh, active)
         output = hs[1:] if active is None else out
         kl_rows = kl.sum(dim=2) if kl is not None else None
@@ -74,7 +70,7 @@ class FusedSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_hn, grad_cn, grad_kl):
         zs, hs, cs, eps, lub, weight_hh, active = ctx.saved_tensors
-        spec = ctx.spec
+        call = ctx.call
         steps, batch, _ = zs.shape
         hidden = hs.shape[2]
         grad_zs = torch.empty_like(zs)
@@ -91,7 +87,7 @@ class FusedSequence(torch.autograd.Function):
             e = None if eps is None else eps[t]
             u = None if lub is None else lub[t]
             if active is None:  # dh already holds dL/dh_t (from the future and the output)
-                kernel_backward(spec, zs[t], cs[t], e, u, dh, dc, gkl, grad_zs[t], dc_prev)
+                call.backward(zs[t], cs[t], e, u, dh, dc, gkl, grad_zs[t], dc_prev)
                 if grad_out is not None and t > 0:
                     dh = torch.addmm(grad_out[t - 1], grad_zs[t], weight_hh)
                 else:
@@ -100,7 +96,7 @@ class FusedSequence(torch.autograd.Function):
             else:  # h_t = m h_new + (1 − m) h_{t−1}; out_t = m h_new
                 m = active[t]
                 gh = dh if grad_out is None else dh + grad_out[t]
-                kernel_backward(spec, zs[t], cs[t], e, u, gh * m, dc * m, gkl, grad_zs[t], dc_prev)
+                call.backward(zs[t], cs[t], e, u, gh * m, dc * m, gkl, grad_zs[t], dc_prev)
                 keep = 1.0 - m
                 dh = torch.addmm(dh * keep, grad_zs[t], weight_hh)
                 dc = torch.addcmul(dc_prev, dc, keep)
@@ -109,3 +105,49 @@ class FusedSequence(torch.autograd.Function):
             flat = grad_zs.view(steps * batch, -1)
             grad_w = torch.mm(flat.t(), hs[:steps].reshape(steps * batch, hidden))
         return grad_zs, grad_w, dh, dc, None, None, None, None
+
+
+@torch.no_grad()
+def run_inference(
+    xp: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    active: Tensor | None,
+    spec: _Spec,
+    seed: int,
+    matmuls,
+    want_kl: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The same loop without autograd: ``matmuls`` from
+    :meth:`bbservice.cells.GatedLSTMCell.recurrent_matmuls` (pre-packed oneDNN weights on the
+    CPU) and no saved state. Returns ``(out, h_n, c_n, kl (T, B) or None)``."""
+    steps, batch, _ = xp.shape
+    hidden = h0.shape[1]
+    mm_h, mm_m = matmuls
+    call = KernelCaller(spec, xp.dtype, batch, hidden, seed)
+    out = xp.new_empty(steps, batch, hidden)
+    h, c = h0.contiguous(), c0.contiguous()
+    eps = lub = None
+    if spec.mode == _RNG:
+        eps = xp.new_empty(batch, noise_width(spec, hidden))
+        lub = torch.empty_like(eps) if spec.config.family != "g2" else None
+    kl = xp.new_empty(steps, batch, hidden) if want_kl else None
+    for t, xp_t in enumerate(xp.unbind(0)):
+        if mm_m is not None:  # mlstm: z = xz + (xm ⊙ h W_mhᵀ) Uᵀ
+            xz, xm = xp_t.split([xp_t.shape[1] - hidden, hidden], dim=1)
+            z = mm_h(xz, xm * mm_m(None, h))
+        else:
+            z = mm_h(xp_t, h)
+        z = z.contiguous()
+        k = None if kl is None else kl[t]
+        if active is None:
+            h_new, c_new = out[t], torch.empty_like(c)
+            call.forward(t, z, c, h_new, c_new, eps, lub, k)
+            h, c = h_new, c_new
+        else:
+            h_new, c_new = torch.empty_like(h), torch.empty_like(c)
+            call.forward(t, z, c, h_new, c_new, eps, lub, k)
+            m = active[t]
+            torch.mul(h_new, m, out=out[t])
+            h, c = torch.lerp(h, h_new, m), torch.lerp(c, c_new, m)
+    return out, h, c, (kl.sum(dim=2) if kl is not None else None)

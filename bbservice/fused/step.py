@@ -189,6 +189,36 @@ def kernel_backward(
     _run("bb_fused_backward", z.dtype, backward_spec, p)
 
 
+class KernelCaller:
+    """Repeated kernel calls of one sequence with one parameter block: only the pointers change
+    between steps (a few µs less Python per step than :func:`kernel_forward`)."""
+
+    def __init__(self, spec: _Spec, dtype: torch.dtype, batch: int, hidden: int, seed: int = 0):
+        lib = load()
+        suffix = "f32" if dtype == torch.float32 else "f64"
+        self.spec = spec
+        self._fwd = getattr(lib, f"bb_fused_forward_{suffix}")
+        self._bwd = getattr(lib, f"bb_fused_backward_{suffix}")
+        self._fwd_mode = spec.mode
+        self._bwd_mode = _MEAN if spec.mode == _MEAN else _NOISE_IN
+        self.params = _params(spec, batch, hidden, seed, 0)
+        self._ref = ctypes.byref(self.params)
+
+    def forward(self, step, z, c_prev, h, c, eps=None, lub=None, kl=None) -> None:
+        p = self.params
+        p.step = step
+        p.z, p.c_prev, p.h, p.c = z.data_ptr(), c_prev.data_ptr(), h.data_ptr(), c.data_ptr()
+        p.eps, p.lub, p.kl = _ptr(eps), _ptr(lub), _ptr(kl)
+        _check(self._fwd(self.spec.family, self._fwd_mode, self._ref), self.spec)
+
+    def backward(self, z, c_prev, eps, lub, grad_h, grad_c, grad_kl, grad_z, grad_c_prev):
+        p = self.params
+        p.z, p.c_prev, p.eps, p.lub = z.data_ptr(), c_prev.data_ptr(), _ptr(eps), _ptr(lub)
+        p.grad_h, p.grad_c, p.grad_kl = _ptr(grad_h), _ptr(grad_c), _ptr(grad_kl)
+        p.grad_z, p.grad_c_prev = grad_z.data_ptr(), grad_c_prev.data_ptr()
+        _check(self._bwd(self.spec.family, self._bwd_mode, self._ref), self.spec)
+
+
 def _forward_outputs(spec, z, c_prev, eps, lub, want_kl, want_gates):
     """Fresh output tensors of a forward call (and the noise buffers in RNG mode)."""
     batch, hidden = c_prev.shape
