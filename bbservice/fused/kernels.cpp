@@ -649,7 +649,9 @@ template <typename T, int FAM, int MODE> int forward_all(const Params& p) {
   constexpr int NB = gate_blocks<FAM>();
   const int64_t NH = NB * p.hidden;
   int status = 0;
-  const bool parallel = p.batch * NH * (MODE == RNG ? 8 : 1) >= 16384;
+  // Threads only for large steps: a parallel region whose thread is descheduled on a busy CPU
+  // stalls the whole step, which costs more than it saves on small batches.
+  const bool parallel = p.batch * NH * (MODE == RNG ? 8 : 4) >= 131072;
 #pragma omp parallel if (parallel) reduction(max : status)
   {
     std::vector<T> buf(2 * NH);
@@ -666,7 +668,7 @@ template <typename T, int FAM, int MODE> int forward_all(const Params& p) {
 template <typename T, int FAM, int MODE> int backward_all(const Params& p) {
   constexpr int NB = gate_blocks<FAM>();
   const int64_t NH = NB * p.hidden;
-  const bool parallel = p.batch * NH >= 16384;
+  const bool parallel = p.batch * NH * 4 >= 131072;
 #pragma omp parallel if (parallel)
   {
     std::vector<T> buf(3 * NH);
