@@ -11,7 +11,11 @@ For ``lstm`` the block order is nn.LSTM's (i, f, g, o), so its weights copy stra
 ``m = (W_mx x) ⊙ (W_mh h)``.
 
 Speed: the input projection of all time steps is one matrix product; the per-step work is a
-single ``addmm`` and the gate elementwise ops; all gate noise is drawn before the loop.
+single ``addmm`` and one fused kernel for the gates and the c/h update
+(:mod:`bbservice.fused`, forward and backward), with the gate noise drawn inside the kernel
+from one seed per sequence. The eager gate ops of :mod:`bbservice.gates` are the reference
+and the fallback (CUDA, half precision, the ``implicit`` and reference samplers, ONNX export
+and tracing); ``fused=False`` (or ``BBSERVICE_FUSED=0``) forces them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from bbservice import fused as fused_kernels
 from bbservice.errors import ConfigError
+from bbservice.fused import FusedStepOutput, SequenceNoise, StepNoise, fused_step
+from bbservice.fused.sequence import FusedSequence, run_inference
+from bbservice.fused.step import sequence_spec
 from bbservice.gates import Gate, GateConfig, GateOutput, make_gate, resolve_gate_mode, tanh
 
 State = tuple[Tensor, Tensor]
@@ -38,6 +46,9 @@ class GatedLSTMCell(nn.Module):
     ----------
     input_size, hidden_size, bias : as ``nn.LSTMCell`` (a single bias vector of k·H).
     gate : a family name of :data:`bbservice.gates.GATE_FAMILIES` or a :class:`GateConfig`.
+    fused : run the gate math and c/h update in the fused kernels of :mod:`bbservice.fused`
+        where they apply; ``None`` (default) follows :func:`bbservice.fused.enabled` (on
+        unless ``BBSERVICE_FUSED=0``). Same results as eager to float rounding.
 
     Call ``cell(x, (h, c), gate_mode=None)`` with ``x`` ``(B, D)`` or ``(D,)`` → ``(h, c)``
     each ``(B, H)`` or ``(H,)``. The prior KL of the last call is in :attr:`last_kl`.
@@ -51,6 +62,7 @@ class GatedLSTMCell(nn.Module):
         gate: str | GateConfig = "lstm",
         device=None,
         dtype=None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if input_size <= 0 or hidden_size <= 0:
@@ -59,6 +71,8 @@ class GatedLSTMCell(nn.Module):
             )
         self.config = GateConfig.of(gate)
         self.gate: Gate = make_gate(self.config)
+        self.gate.where = type(self).__name__  # names the layer in errors
+        self.fused: bool | None = fused
         self.input_size, self.hidden_size, self.has_bias = input_size, hidden_size, bias
         self.n_blocks = self.gate.n_blocks + 2
         self.multiplicative = self.config.family == "mlstm"
@@ -163,6 +177,38 @@ class GatedLSTMCell(nn.Module):
         :meth:`recurrent_matmuls` (made here if ``None``).
         """
         h, c = state
+        z = self._preactivation(xp, h, matmuls, c.dtype)
+        if self.uses_fused(z):
+            out = self._fused(z, c, mode, noise, generator, want_gates=True)
+            i, f = out.gates.chunk(2, dim=1)
+            alpha = None
+            if self.config.kl_weight > 0:  # the callers sum gate.kl(alpha)
+                alpha = self.gate.alphas(z[:, : self.gate.n_blocks * self.hidden_size])
+            return out.h, out.c, GateOutput(i, f, alpha)
+        return self._eager_step(z, c, mode, noise, generator)
+
+    # -- fused or eager ----------------------------------------------------------------------
+
+    def fused_wanted(self) -> bool:
+        """This cell's switch: :attr:`fused`, or the process default when it is ``None``."""
+        return fused_kernels.enabled() if self.fused is None else bool(self.fused)
+
+    def uses_fused(self, like: Tensor) -> bool:
+        """Whether a step on tensors like ``like`` runs the fused kernels (see
+        :func:`bbservice.fused.supported`: CPU float32/float64, the Marsaglia sampler, not
+        while exporting or tracing)."""
+        return self.fused_wanted() and fused_kernels.supported(self.config, like)
+
+    def draw_sequence_noise(self, steps: int, batch: int, like: Tensor, generator=None):
+        """Gate noise for ``steps`` steps (indexable by step; ``None`` for deterministic
+        families): one seed for the fused kernels, or :meth:`Gate.draw_noise`'s tensors."""
+        if not self.gate.stochastic:
+            return None
+        if self.uses_fused(like):
+            return SequenceNoise(generator, like.device)
+        return self.gate.draw_noise(steps, batch, self.hidden_size, like, generator)
+
+    def _preactivation(self, xp: Tensor, h: Tensor, matmuls, dtype: torch.dtype) -> Tensor:
         mm_h, mm_m = matmuls or self.recurrent_matmuls(h.shape[0])
         if self.multiplicative:
             xz, xm = xp.split([xp.shape[1] - self.hidden_size, self.hidden_size], dim=1)
@@ -170,8 +216,29 @@ class GatedLSTMCell(nn.Module):
             z = mm_h(xz, m)
         else:
             z = mm_h(xp, h)
-        if z.dtype != c.dtype:  # autocast: matmuls in half precision, gate math in float32
-            z = z.to(c.dtype)
+        if z.dtype != dtype:  # autocast: matmuls in half precision, gate math in float32
+            z = z.to(dtype)
+        return z
+
+    def _fused(
+        self, z: Tensor, c: Tensor, mode: str, noise, generator, *, want_kl=False, want_gates=False
+    ) -> FusedStepOutput:
+        return fused_step(
+            self.config,
+            z,
+            c,
+            mode,
+            noise,
+            want_kl=want_kl,
+            want_gates=want_gates,
+            where=self.gate.where,
+            generator=generator,
+        )
+
+    def _eager_step(self, z: Tensor, c: Tensor, mode: str, noise, generator):
+        """The reference: the gate ops of :mod:`bbservice.gates` and the c/h update."""
+        if isinstance(noise, StepNoise):  # drawn for the fused kernels: draw eager noise
+            noise = None
         hs = self.hidden_size
         zgate, zg, zo = z.split([z.shape[1] - 2 * hs, hs, hs], dim=1)
         gates = self.gate(zgate, mode, noise, generator)
@@ -245,6 +312,8 @@ class GatedLSTM(nn.Module):
     input_size, hidden_size, num_layers, bias, batch_first : as ``nn.LSTM``.
     dropout : locked (variational) dropout on the outputs of every layer but the last.
     gate : family name or :class:`GateConfig`, shared by all layers.
+    fused : the cells' switch for the fused kernels (:class:`GatedLSTMCell`); ``None`` follows
+        the process default. The :attr:`fused` property reads and sets it on every layer.
 
     ``forward(input, hx=None, *, gate_mode=None, lengths=None)``: ``input`` ``(T, B, D)``
     (``(B, T, D)`` if ``batch_first``), ``(T, D)`` unbatched, or a ``PackedSequence``;
@@ -271,6 +340,7 @@ class GatedLSTM(nn.Module):
         gate: str | GateConfig = "lstm",
         device=None,
         dtype=None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -289,11 +359,24 @@ class GatedLSTM(nn.Module):
             )
             for layer in range(num_layers)
         )
+        for layer, cell in enumerate(self.cells):
+            cell.gate.where = f"{type(self).__name__} layer {layer}"
+        self.fused = fused
         self.locked_dropout = LockedDropout(dropout)
         self.gate_mode: str | None = None
         self.record_gate_stats = False
         self.last_kl: Tensor | None = None
         self.last_gate_stats: list[dict[str, Tensor]] | None = None
+
+    @property
+    def fused(self) -> bool | None:
+        """The layers' fused switch (``None``: the process default)."""
+        return self.cells[0].fused
+
+    @fused.setter
+    def fused(self, value: bool | None) -> None:
+        for cell in self.cells:
+            cell.fused = value
 
     def extra_repr(self) -> str:
         return (
@@ -414,23 +497,51 @@ def _run_layer(
     """Run one layer over ``x`` ``(T, B, D)`` → ``(T, B, H)``, final state, KL, statistics."""
     steps, batch = x.shape[0], x.shape[1]
     xp = cell.input_projection(x, pack=True)  # (T, B, P): one product for all steps
+    fused = stats is None and cell.uses_fused(xp)
     noise = None
-    if mode == "sample" and cell.gate.stochastic:
-        noise = cell.gate.draw_noise(steps, batch, cell.hidden_size, x, generator)
+    if mode == "sample":
+        noise = cell.draw_sequence_noise(steps, batch, xp, generator)
     h, c = state
+    if active is not None:
+        active = active.to(x.dtype)  # float masks: blending is cheaper than torch.where here
+    if fused and _whole_sequence(cell, xp, h):
+        spec = sequence_spec(cell.config, mode, cell.gate.where)
+        seed = noise.seed if isinstance(noise, SequenceNoise) else 0
+        out, h, c, kl_rows = FusedSequence.apply(
+            xp, cell.weight_hh, h, c, active, spec, seed, want_kl
+        )
+        kl = None
+        if want_kl:
+            kl = (kl_rows * active[:, :, 0]).sum() if active is not None else kl_rows.sum()
+        return out, (h, c), kl, None
+    if fused and not torch.is_grad_enabled() and xp.dtype == h.dtype:
+        spec = sequence_spec(cell.config, mode, cell.gate.where)
+        seed = noise.seed if isinstance(noise, SequenceNoise) else 0
+        out, h, c, kl_rows = run_inference(
+            xp, h, c, active, spec, seed, cell.recurrent_matmuls(batch), want_kl
+        )
+        kl = None
+        if want_kl:
+            kl = (kl_rows * active[:, :, 0]).sum() if active is not None else kl_rows.sum()
+        return out, (h, c), kl, None
     outputs: list[Tensor] = []
     kl = x.new_zeros(()) if want_kl else None
     step_stats: list[dict[str, Tensor]] = []
     matmuls = cell.recurrent_matmuls(batch)
-    if active is not None:
-        active = active.to(x.dtype)  # float masks: blending is cheaper than torch.where here
     for t, xp_t in enumerate(xp.unbind(0)):
         step_noise = None if noise is None else noise[t]
-        h_new, c_new, gates = cell.recurrent_step(
-            xp_t, (h, c), mode, step_noise, matmuls, generator
-        )
+        if fused:
+            z = cell._preactivation(xp_t, h, matmuls, c.dtype)
+            out = cell._fused(z, c, mode, step_noise, generator, want_kl=want_kl)
+            h_new, c_new = out.h, out.c
+            if want_kl:
+                kl_t = out.kl.sum(dim=1)
+        else:
+            z = cell._preactivation(xp_t, h, matmuls, c.dtype)
+            h_new, c_new, gates = cell._eager_step(z, c, mode, step_noise, generator)
+            if want_kl:
+                kl_t = cell.gate.kl(gates.alpha)
         if want_kl:
-            kl_t = cell.gate.kl(gates.alpha)
             kl = kl + (kl_t * active[t, :, 0] if active is not None else kl_t).sum()
         if stats is not None:
             with torch.no_grad():
@@ -447,6 +558,19 @@ def _run_layer(
     if stats is not None:
         layer_stats = {k: torch.stack([s[k] for s in step_stats]) for k in step_stats[0]}
     return torch.stack(outputs), (h, c), kl, layer_stats
+
+
+def _whole_sequence(cell: GatedLSTMCell, xp: Tensor, h: Tensor) -> bool:
+    """Whether a layer trains as one :class:`FusedSequence` node: the plain (not sparse, not
+    multiplicative) cell, with autograd on and matching dtypes."""
+    return (
+        torch.is_grad_enabled()
+        and (xp.requires_grad or cell.weight_hh.requires_grad)
+        and not cell.multiplicative
+        and type(cell).recurrent_matmuls is GatedLSTMCell.recurrent_matmuls
+        and type(cell).input_projection is GatedLSTMCell.input_projection
+        and xp.dtype == h.dtype == cell.weight_hh.dtype
+    )
 
 
 def _can_pack(weight: Tensor, rows: int) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from bbservice.errors import BBServiceError
@@ -46,6 +47,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The full parser; only the modules of the command being run (or helped) are imported."""
     parser = argparse.ArgumentParser(prog="bbservice", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="run the gate math with eager torch ops instead of the fused kernels "
+        "(same as BBSERVICE_FUSED=0)",
+    )
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     wanted = next((a for a in argv if not a.startswith("-")), None)
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.no_fused:  # before any import of bbservice.fused; reaches worker processes too
+        os.environ["BBSERVICE_FUSED"] = "0"
+        if "bbservice.fused" in sys.modules:
+            sys.modules["bbservice.fused"].set_enabled(False)
     module = _load(args.module)
     if module is None:
         print(

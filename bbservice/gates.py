@@ -103,6 +103,18 @@ class GateOutput(NamedTuple):
     alpha: Tensor | None
 
 
+class NonFiniteAlphaError(FloatingPointError):
+    """A Gamma concentration α is NaN or infinite: the run has diverged (or overflowed in
+    half precision). Raised by every sampler instead of looping forever."""
+
+    def __init__(self, where: str, family: str) -> None:
+        super().__init__(
+            f"{where}: non-finite Gamma concentration alpha (NaN or inf) in the {family!r} "
+            "gates; the run has diverged (lower the learning rate, clip gradients, or keep the "
+            "gate math in float32)"
+        )
+
+
 def resolve_gate_mode(mode: str | None, training: bool) -> str:
     """``None`` → ``"sample"`` in training and ``"mean"`` in eval; otherwise validated."""
     if mode is None:
@@ -176,13 +188,22 @@ def log_gamma_marsaglia(alpha: Tensor, eps: Tensor, log_u_boost: Tensor) -> Tens
     return torch.log(d) + 3.0 * torch.log1p(c * eps) + log_u_boost / alpha
 
 
+MAX_REDRAW_ROUNDS = 200  # P(an entry is rejected 200 times) < 0.05**200: only a bug gets here
+
+
 def accept_marsaglia_noise(
-    alpha: Tensor, eps: Tensor, log_u_accept: Tensor, generator: torch.Generator | None = None
+    alpha: Tensor,
+    eps: Tensor,
+    log_u_accept: Tensor,
+    generator: torch.Generator | None = None,
+    where: str = "gate",
+    family: str = "beta",
 ) -> Tensor:
     """Return ``eps`` with every rejected candidate redrawn until accepted (no gradient).
 
     Acceptance is above 95% for shapes >= 1, so the redraw loop runs on a shrinking handful of
-    entries. ``alpha``, ``eps``, ``log_u_accept``: same shape.
+    entries. ``alpha``, ``eps``, ``log_u_accept``: same shape. A non-finite ``alpha`` (never
+    accepted) raises :class:`NonFiniteAlphaError` naming ``where`` instead of looping forever.
     """
     with torch.no_grad():
         d = alpha.detach() + (2.0 / 3.0)
@@ -190,15 +211,24 @@ def accept_marsaglia_noise(
         ok = _marsaglia_accept(d, c, eps, log_u_accept)
         if bool(ok.all()):
             return eps
+        if not bool(torch.isfinite(d).all()):
+            raise NonFiniteAlphaError(where, family)
         eps = eps.clone()
         flat_eps, flat_d, flat_c = eps.view(-1), d.reshape(-1), c.reshape(-1)
         idx = (~ok).reshape(-1).nonzero().squeeze(1)
-        while idx.numel() > 0:
+        for _ in range(MAX_REDRAW_ROUNDS):
+            if idx.numel() == 0:
+                return eps
             cand = torch.randn(idx.numel(), generator=generator, device=eps.device, dtype=eps.dtype)
             u = torch.rand(idx.numel(), generator=generator, device=eps.device, dtype=eps.dtype)
             acc = _marsaglia_accept(flat_d[idx], flat_c[idx], cand, torch.log(u))
             flat_eps[idx[acc]] = cand[acc]
             idx = idx[~acc]
+        if idx.numel() > 0:
+            raise RuntimeError(
+                f"{where}: Marsaglia sampler rejected {idx.numel()} entries "
+                f"{MAX_REDRAW_ROUNDS} times"
+            )
         return eps
 
 
@@ -229,6 +259,7 @@ class Gate:
 
     def __init__(self, config: GateConfig) -> None:
         self.config = config
+        self.where = "gate"  # names the layer in errors; the cells set it
 
     def mean(self, z: Tensor) -> GateOutput:
         """Deterministic gates from ``z`` ``(B, n·H)``."""
@@ -325,13 +356,19 @@ class BetaGateBase(Gate):
 
     def sample(self, z: Tensor, noise: tuple[Tensor, ...], generator=None) -> GateOutput:
         alpha = self.alphas(z)
+        if self.config.reference_sample_eps or self.config.gamma_sampler != "marsaglia":
+            # torch's Gamma sampler returns NaN on a NaN alpha: fail as loudly as Marsaglia
+            if not bool(torch.isfinite(alpha).all()):
+                raise NonFiniteAlphaError(self.where, self.config.family)
         if self.config.reference_sample_eps:
             g = torch._standard_gamma(alpha, generator=generator) + 1e-3
             i, f = self.from_gamma(g.chunk(self.n_blocks, dim=1))
             return GateOutput(i, f, alpha)
         if self.config.gamma_sampler == "marsaglia":
             eps, log_u_accept, log_u_boost = noise
-            eps = accept_marsaglia_noise(alpha, eps, log_u_accept, generator)
+            eps = accept_marsaglia_noise(
+                alpha, eps, log_u_accept, generator, self.where, self.config.family
+            )
             log_g = log_gamma_marsaglia(alpha, eps, log_u_boost)
         else:
             (log_u_boost,) = noise

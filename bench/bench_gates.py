@@ -1,14 +1,23 @@
 """Time every gate family against ``torch.nn.LSTM`` in one process and print ratios.
 
-One training step (forward + backward, sampled gates) and one inference pass (mean gates,
-no grad) at batch 64, 100 steps, 88 inputs, hidden 256 — on the CPU, and on CUDA when present.
+For each device (the CPU, and CUDA when present) and each family: one training step (forward
++ backward, sampled gates) and one inference pass (mean gates, no grad), with the fused
+kernels (:mod:`bbservice.fused`, the default) and with the eager reference, both at the same
+hidden size as ``nn.LSTM`` and at the equal-parameter budget (the largest H whose layer has no
+more parameters than ``nn.LSTM``'s: ``k·H·(D+H+1)``, plus ``H·(D+H)`` for ``mlstm``). Every
+ratio is against ``nn.LSTM`` at the reference H in the same process: each repeat times
+``nn.LSTM`` and the candidate back to back and the median of those per-pair ratios is printed
+(robust to a CPU shared with other jobs), next to the candidate's median time. ``noise`` is the
+share of a sampled fused training step that sampling costs (random numbers and the Marsaglia
+step): 1 − (step with mean gates) / (step with sampled gates).
 
-    python bench/bench_gates.py [--repeats 5] [--families lstm,bbeta5] [--threads N]
+    python bench/bench_gates.py [--repeats 5] [--families lstm,bbeta5] [--threads N] [--no-eager]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -16,7 +25,7 @@ import torch
 from torch import nn
 
 from bbservice.cells import GatedLSTM
-from bbservice.gates import GATE_FAMILIES, GateConfig
+from bbservice.gates import GATE_FAMILIES, GateConfig, gate_blocks
 
 
 def _sync(device: torch.device) -> None:
@@ -38,21 +47,55 @@ def time_it(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_model(model: nn.Module, x: torch.Tensor, device, repeats: int) -> tuple[float, float]:
-    """(training step ms, inference ms) of ``model`` on ``x`` ``(T, B, D)``."""
+def _timed(fn, device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1000
 
-    def train_step() -> None:
-        model.train()
-        model.zero_grad(set_to_none=True)
-        out, _ = model(x)
-        out.square().mean().backward()
 
-    def infer() -> None:
-        model.eval()
-        with torch.inference_mode():
-            model(x)
+def time_ratio(fn, ref_fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median ms of ``fn``, median over repeats of ``fn`` ms / ``ref_fn`` ms timed back to
+    back)."""
+    for _ in range(2):
+        fn()
+        ref_fn()
+    times, ratios = [], []
+    for _ in range(repeats):
+        ref_ms = _timed(ref_fn, device)
+        ms = _timed(fn, device)
+        times.append(ms)
+        ratios.append(ms / ref_ms)
+    return statistics.median(times), statistics.median(ratios)
 
-    return time_it(train_step, device, repeats), time_it(infer, device, repeats)
+
+def train_step(model: nn.Module, x: torch.Tensor, **kw) -> None:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out, _ = model(x, **kw)
+    out.square().mean().backward()
+
+
+def infer(model: nn.Module, x: torch.Tensor) -> None:
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+
+
+def layer_params(family: str, inputs: int, hidden: int) -> int:
+    """Parameters of one layer: k·H·(D+H+1) (+ the m projections of ``mlstm``)."""
+    extra = hidden * (inputs + hidden) if family == "mlstm" else 0
+    return gate_blocks(family) * hidden * (inputs + hidden + 1) + extra
+
+
+def budget_hidden(family: str, inputs: int, reference_hidden: int) -> int:
+    """The largest H whose layer has no more parameters than nn.LSTM's at the reference H."""
+    budget = layer_params("lstm", inputs, reference_hidden)
+    k = gate_blocks(family) + (1 if family == "mlstm" else 0)
+    hidden = int((-(inputs + 1) + math.sqrt((inputs + 1) ** 2 + 4 * budget / k)) / 2) + 1
+    while layer_params(family, inputs, hidden) > budget:
+        hidden -= 1
+    return hidden
 
 
 def main() -> None:
@@ -64,36 +107,63 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--families", default=",".join(GATE_FAMILIES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument(
-        "--implicit",
-        action="store_true",
-        help="also time bbeta5 with torch's implicit-gradient Gamma sampler",
-    )
+    parser.add_argument("--no-eager", action="store_true", help="time the fused path only")
+    parser.add_argument("--cpu-only", action="store_true", help="skip CUDA even if present")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    variants = [(f, GateConfig(family=f)) for f in args.families.split(",")]
-    if args.implicit:
-        variants.append(("bbeta5/implicit", GateConfig(family="bbeta5", gamma_sampler="implicit")))
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available() and not args.cpu_only:
+        devices.append(torch.device("cuda"))
+    families = args.families.split(",")
+    paths = [("fused", True)] + ([] if args.no_eager else [("eager", False)])
     for device in devices:
         torch.manual_seed(0)
         x = torch.randn(args.steps, args.batch, args.inputs, device=device)
         ref = nn.LSTM(args.inputs, args.hidden).to(device)
-        ref_train, ref_infer = bench_model(ref, x, device, args.repeats)
+        ref_train = time_it(lambda: train_step(ref, x), device, args.repeats)  # noqa: B023
+        ref_infer = time_it(lambda: infer(ref, x), device, args.repeats)  # noqa: B023
         print(
             f"\n{device.type.upper()}  batch {args.batch}, {args.steps} steps, {args.inputs} in, "
-            f"hidden {args.hidden}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}; ratios against "
+            f"nn.LSTM at H={args.hidden}: train {ref_train:.1f} ms, inference {ref_infer:.1f} ms"
         )
-        print(f"{'family':<18}{'train ms':>10}{'ratio':>8}{'infer ms':>10}{'ratio':>8}")
-        print(f"{'nn.LSTM':<18}{ref_train:>10.1f}{1.0:>8.2f}{ref_infer:>10.1f}{1.0:>8.2f}")
-        for name, config in variants:
-            model = GatedLSTM(args.inputs, args.hidden, gate=config).to(device)
-            train_ms, infer_ms = bench_model(model, x, device, args.repeats)
-            print(
-                f"{name:<18}{train_ms:>10.1f}{train_ms / ref_train:>8.2f}"
-                f"{infer_ms:>10.1f}{infer_ms / ref_infer:>8.2f}"
-            )
+        header = f"{'family':<8}{'H':>5}{'params':>9}"
+        for name, _ in paths:
+            header += f"{name + ' train':>14}{'x':>6}{name + ' infer':>14}{'x':>6}"
+        print(header + f"{'noise':>7}")
+        for family in families:
+            sizes = [args.hidden, budget_hidden(family, args.inputs, args.hidden)]
+            for hidden in dict.fromkeys(sizes):
+                torch.manual_seed(0)
+                model = GatedLSTM(args.inputs, hidden, gate=GateConfig(family=family))
+                model = model.to(device)
+                line = f"{family:<8}{hidden:>5}{layer_params(family, args.inputs, hidden):>9}"
+                noise = ""
+                for _, fused in paths:
+                    model.fused = fused
+                    train_ms, train_x = time_ratio(
+                        lambda: train_step(model, x),  # noqa: B023
+                        lambda: train_step(ref, x),  # noqa: B023
+                        device,
+                        args.repeats,
+                    )
+                    infer_ms, infer_x = time_ratio(
+                        lambda: infer(model, x),  # noqa: B023
+                        lambda: infer(ref, x),  # noqa: B023
+                        device,
+                        args.repeats,
+                    )
+                    line += f"{train_ms:>14.1f}{train_x:>6.2f}{infer_ms:>14.1f}{infer_x:>6.2f}"
+                    if fused and model.cells[0].gate.stochastic:
+                        mean_ms, share = time_ratio(
+                            lambda: train_step(model, x, gate_mode="mean"),  # noqa: B023
+                            lambda: train_step(model, x),  # noqa: B023
+                            device,
+                            args.repeats,
+                        )
+                        noise = f"{max(0.0, 1.0 - share):>7.0%}"
+                print(line + (noise or f"{'-':>7}"), flush=True)
 
 
 if __name__ == "__main__":

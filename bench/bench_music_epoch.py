@@ -1,9 +1,10 @@
-"""Wall time of one JSB training epoch: padded mini-batches against the batch-1 protocol.
+"""Wall time of one JSB training epoch at mini-batch sizes 8 and 16, fused and eager gates.
 
-Both runs use the same model (``--gate``, ~0.57M preset), the same data and one process; the
-ratio is printed. Needs ``polyphonic/JSB_Chorales.mat`` (``--data`` takes any music spec).
+Every run uses the family's ~0.57M-parameter preset (``--gate``), the same data and one
+process; the ratio eager / fused is printed. ``--reference`` adds the authors' batch-1
+protocol (slow). Needs ``polyphonic/JSB_Chorales.mat`` (``--data`` takes any music spec).
 
-    python bench/bench_music_epoch.py [--gate bbeta5] [--batch-size 16] [--data jsb]
+    python bench/bench_music_epoch.py [--gate bbeta5] [--batch-sizes 8,16] [--no-eager]
 """
 
 from __future__ import annotations
@@ -40,20 +41,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gate", default="bbeta5")
     parser.add_argument("--data", default="jsb")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-sizes", default="8,16")
+    parser.add_argument("--no-eager", action="store_true", help="time the fused path only")
+    parser.add_argument("--reference", action="store_true", help="also time batch 1 (slow)")
     args = parser.parse_args()
     seqs = usable(load_music(args.data).train)
     torch.manual_seed(0)
     model = PianoRollModel(MusicConfig.preset(args.gate)).train()
-    batched = one_epoch(model, seqs, args.batch_size)
-    single = one_epoch(model, seqs, 1)
     print(
-        f"{args.data} train epoch, {args.gate} gates, {len(seqs)} sequences, "
-        f"{torch.get_num_threads()} threads"
+        f"{args.data} train epoch, {args.gate} gates (H={model.config.hidden_size}), "
+        f"{len(seqs)} sequences, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print(f"batch {args.batch_size:>3}: {batched:8.1f} s")
-    print(f"batch   1: {single:8.1f} s   (reference protocol)")
-    print(f"speed-up of mini-batches: {single / batched:.1f}x")
+    sizes = [int(b) for b in args.batch_sizes.split(",")] + ([1] if args.reference else [])
+    for batch_size in sizes:
+        model.rnn.fused = True
+        fused = one_epoch(model, seqs, batch_size)
+        line = f"batch {batch_size:>3}: fused {fused:7.1f} s"
+        if not args.no_eager:
+            model.rnn.fused = False
+            eager = one_epoch(model, seqs, batch_size)
+            line += f"   eager {eager:7.1f} s   eager / fused {eager / fused:4.2f}x"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 from scipy import stats
 
 from bbservice.errors import ConfigError
+from bbservice.fused import StepNoise, draw_seed, fused_step
 from bbservice.gates import (
     GATE_FAMILIES,
     GateConfig,
@@ -29,11 +30,20 @@ def preact_for_alpha(alpha: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.where(a > 30, a, torch.log(torch.expm1(a.clamp_min(1e-300))))
 
 
-def sample_gates(family: str, alpha: list[float], n: int, **cfg) -> tuple:
-    """n sampled (i, f) pairs for one unit with the given Gamma concentrations."""
-    gate = make_gate(GateConfig(family=family, **cfg))
+def sample_gates(family: str, alpha: list[float], n: int, path: str = "eager", **cfg) -> tuple:
+    """n sampled (i, f) pairs for one unit with the given Gamma concentrations, from the eager
+    gates or from the fused kernel (its in-kernel noise, seeded from torch's generator)."""
+    config = GateConfig(family=family, **cfg)
+    gate = make_gate(config)
     z = preact_for_alpha(torch.tensor(alpha))  # (k,) float64: float32 rounds i to 1.0
     z = z.view(1, -1).expand(n, -1).contiguous()  # (n, k·1): H = 1
+    if path == "fused":
+        z_full = torch.cat([z, torch.zeros(n, 2, dtype=z.dtype)], dim=1)  # g, o blocks
+        noise = StepNoise(draw_seed(), 0)
+        out = fused_step(
+            config, z_full, torch.zeros(n, 1, dtype=z.dtype), "sample", noise, want_gates=True
+        )
+        return out.gates[:, 0], out.gates[:, 1], gate.mean(z[:1])
     noise = gate.draw_noise(1, n, 1, z)[0]
     out = gate.sample(z, noise)
     return out.i.squeeze(1), out.f.squeeze(1), gate.mean(z[:1])
@@ -71,14 +81,17 @@ def test_fast_primitives_match_torch():
         ("bbeta5", [0.5, 0.5, 0.5, 0.5, 0.5]),
     ],
 )
-def test_monte_carlo_mean_matches_mean_gate(family, alpha):
+@pytest.mark.parametrize("path", ["eager", "fused"])
+def test_monte_carlo_mean_matches_mean_gate(family, alpha, path):
     torch.manual_seed(0)
-    i, f, mean = sample_gates(family, alpha, 200_000)
+    i, f, mean = sample_gates(family, alpha, 200_000, path)
     assert abs(i.mean().item() - mean.i.item()) < 4e-3
     assert abs(f.mean().item() - mean.f.item()) < 4e-3
 
 
-@pytest.mark.parametrize("sampler", ["marsaglia", "implicit"])
+@pytest.mark.parametrize(
+    "sampler,path", [("marsaglia", "eager"), ("implicit", "eager"), ("marsaglia", "fused")]
+)
 @pytest.mark.parametrize(
     "family,alpha,marginal_i",
     [
@@ -88,9 +101,9 @@ def test_monte_carlo_mean_matches_mean_gate(family, alpha):
         ("bbeta5", [0.05, 0.5, 0.02, 2.0, 0.5], (0.07, 2.5)),
     ],
 )
-def test_sampled_input_gate_follows_its_beta_marginal(family, alpha, marginal_i, sampler):
+def test_sampled_input_gate_follows_its_beta_marginal(family, alpha, marginal_i, sampler, path):
     torch.manual_seed(1)
-    i, _, _ = sample_gates(family, alpha, 20_000, gamma_sampler=sampler)
+    i, _, _ = sample_gates(family, alpha, 20_000, path, gamma_sampler=sampler)
     result = stats.kstest(i.double().numpy(), "beta", args=marginal_i)
     assert result.pvalue > 1e-3, result
 
@@ -110,9 +123,10 @@ def test_ks_test_can_fail_on_the_wrong_marginal():
         ("bbeta3", [1.0, 1.0, 1.0], None),
     ],
 )
-def test_correlation_signs(family, alpha, expected):
+@pytest.mark.parametrize("path", ["eager", "fused"])
+def test_correlation_signs(family, alpha, expected, path):
     torch.manual_seed(2)
-    i, f, _ = sample_gates(family, alpha, 200_000)
+    i, f, _ = sample_gates(family, alpha, 200_000, path)
     corr = torch.corrcoef(torch.stack([i, f]))[0, 1].item()
     if expected is None:
         assert corr > 0.1  # bbeta3 shares G3: always positive
