@@ -54,6 +54,8 @@ def decode_dataset(
     *,
     beam: int = 1,
     length_penalty: float = 0.0,
+    groups: int = 1,
+    diversity: float = 0.0,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress: bool = False,
@@ -62,6 +64,41 @@ def decode_dataset(
 
     Returns ``(captions, ce)``: index → caption text, and the teacher-forced cross-entropy per
     token of each image's first reference (a deterministic validation loss).
+    """
+    captions, ce_sum, tokens = decode_dataset_sums(
+        model,
+        vocab,
+        dataset,
+        beam=beam,
+        length_penalty=length_penalty,
+        groups=groups,
+        diversity=diversity,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    return captions, ce_sum / max(tokens, 1)
+
+
+def decode_dataset_sums(
+    model: CaptionModel,
+    vocab: Vocabulary,
+    dataset: CaptionEvalDataset,
+    *,
+    beam: int = 1,
+    length_penalty: float = 0.0,
+    groups: int = 1,
+    diversity: float = 0.0,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[dict[int, str], float, int]:
+    """:func:`decode_dataset` with the cross-entropy as ``(sum over tokens, tokens)``, so that
+    shares decoded by several processes add up exactly.
+
+    ``dataset.images[i]`` may be an image (3, S, S) or, from a
+    :class:`training.feature_cache.FeatureCache`, the encoder features (P, C) themselves.
+    Diverse beam search: ``groups`` > 1 (dividing ``beam``) with ``diversity`` strength.
     """
     model.eval()
     device = torch.device(device)
@@ -74,7 +111,9 @@ def decode_dataset(
         loader, desc="decoding", disable=not progress, leave=False, unit="batch"
     ):
         with torch.inference_mode():
-            features = model.encoder(images.to(device))  # (B, P, C)
+            images = images.to(device)
+            # (B, 3, S, S) images, or (B, P, C) cached features
+            features = model.encoder(images) if images.dim() == 4 else images
             caps, lengths = _encode_references(refs, vocab, max_length)
             caps, lengths = caps.to(device), lengths.to(device)
             outputs = model.decoder(features, caps, lengths, gate_mode="mean")
@@ -90,6 +129,8 @@ def decode_dataset(
                 beam_size=beam,
                 max_length=max_length,
                 length_penalty=length_penalty,
+                groups=groups,
+                diversity=diversity,
             )
             hyps = [b[0] for b in best]
         else:
@@ -98,7 +139,7 @@ def decode_dataset(
             )
         for i, hyp in zip(index.tolist(), hyps, strict=True):
             captions[i] = " ".join(vocab.decode(hyp.tokens))
-    return captions, ce_sum / max(tokens, 1)
+    return captions, ce_sum, tokens
 
 
 def evaluate(
@@ -108,6 +149,8 @@ def evaluate(
     *,
     beam: int = 1,
     length_penalty: float = 0.0,
+    groups: int = 1,
+    diversity: float = 0.0,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     cache: bool = False,
@@ -124,6 +167,8 @@ def evaluate(
         dataset,
         beam=beam,
         length_penalty=length_penalty,
+        groups=groups,
+        diversity=diversity,
         batch_size=batch_size,
         device=device,
         progress=progress,
@@ -141,6 +186,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--beam", type=int, default=3, help="beam size (1: greedy)")
     parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument(
+        "--beam-groups", type=int, default=1, help="diverse beam search: groups (divide --beam)"
+    )
+    parser.add_argument(
+        "--diversity", type=float, default=0.0, help="diverse beam search: Hamming penalty"
+    )
     parser.add_argument("--max-images", type=int, default=0, help="first N images (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -152,6 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.beam < 1 or args.batch_size < 1 or args.max_images < 0:
         raise ConfigError("--beam and --batch-size must be >= 1 and --max-images >= 0")
+    if args.beam_groups < 1 or args.beam % args.beam_groups or not args.diversity >= 0:
+        raise ConfigError("--beam-groups must be >= 1 and divide --beam; --diversity >= 0")
     device = common.pick_device(args.device)
     model, vocab, folder = checkpoints.load_caption(args.checkpoint, device)
     splits = load_karpathy(args.data, args.image_root)
@@ -166,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         items,
         beam=args.beam,
         length_penalty=args.length_penalty,
+        groups=args.beam_groups,
+        diversity=args.diversity,
         batch_size=args.batch_size,
         device=device,
         meteor=args.meteor,
@@ -176,8 +231,11 @@ def run(args: argparse.Namespace) -> int:
     base_caption, base_metrics = most_frequent_caption_baseline(
         (c for it in train_items for c in it.captions), refs, meteor=args.meteor
     )
+    groups = f" ({args.beam_groups} groups, diversity {args.diversity})"
     print(
-        f"{args.split}: {len(items)} images, beam {args.beam}, checkpoint {folder} "
+        f"{args.split}: {len(items)} images, beam {args.beam}"
+        + (groups if args.beam_groups > 1 else "")
+        + f", checkpoint {folder} "
         f"({model.config.gate.family} gates), {seconds:.1f} s"
     )
     print(f"{'metric':<10} {'model':>8} {'baseline':>9}")
@@ -201,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
             "images": len(items),
             "beam": args.beam,
             "length_penalty": args.length_penalty,
+            "beam_groups": args.beam_groups,
+            "diversity": args.diversity,
             "gate": model.config.gate.family,
             "metrics": result["metrics"],
             "teacher_forced_ce": result["ce"],
