@@ -584,7 +584,7 @@ class CaptionTraining(TrainingLoop):
         captions, ce_sum, tokens = self._decode_validation()
         if self.dist.is_main:
             refs = {i: [" ".join(c) for c in it.captions] for i, it in enumerate(self.val_items)}
-            val = score_captions(refs, captions)
+            val = score_captions(refs, captions, meteor=False)
             score = val["CIDEr-D"]
             record = {
                 "epoch": epoch,

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Cross-entropy against cross-entropy + self-critical training (SCST) for the `lstm` and
+# `bbeta5` caption decoders on the generated scenes, at the same epoch budget; test and
+# test_holdout, BLEU-4 / CIDEr-D / ROUGE-L (docs/results_caption.md, issue 16).
+#
+#   bash bench/results_caption_scst.sh [full|quick] [SEED ...]      (default: full 1 2 3)
+#
+# full : configs/caption/scenes_{lstm,bbeta5}.toml (issue 14's protocol: ResNet-18 fine-tuned
+#        from scratch, at most 40 epochs) against scenes_{lstm,bbeta5}_scst.toml (30 CE + 10 SCST)
+# quick: configs/caption/quick_{lstm,bbeta5}.toml (frozen random ResNet-18, features from the
+#        feature cache, 8 epochs) against quick_{lstm,bbeta5}_scst.toml (5 CE + 3 SCST)
+#
+# Resumable: a run with summary.json is skipped, an unfinished one continues from its last/
+# (--resume), an evaluation with its JSON is skipped. Run folders live under $RUNS (default
+# ~/bbservice-runs/caption), outside the work tree; the scenes under ~/bbservice-runs/scenes64
+# (generated here when absent, with the command of docs/results_caption.md). Two runs train at
+# a time (lstm and bbeta5 of a variant), one intra-op thread each. The table is printed at the
+# end from whatever evaluations exist.
+set -euo pipefail
+
+TIER=${1:-full}
+shift || true
+SEEDS=${*:-1 2 3}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=${RUNS:-$HOME/bbservice-runs/caption}
+SCENES=$HOME/bbservice-runs/scenes64
+DATA=$SCENES/dataset_scenes.json
+BB=${BB:-$REPO/.venv/bin/bbservice}
+PY=${PY:-$REPO/.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} BENTOML_DO_NOT_TRACK=True
+
+case $TIER in
+  full) PREFIX=scenes ;;
+  quick) PREFIX=quick ;;
+  *) echo "usage: $0 [full|quick] [SEED ...]" >&2; exit 2 ;;
+esac
+OUT=$RUNS/$TIER
+mkdir -p "$OUT/eval"
+
+if [ ! -f "$DATA" ]; then
+  "$BB" generate scenes --out "$SCENES" --n-train 4000 --n-val 200 --n-test 300 \
+    --n-holdout 300 --image-size 64 --holdout red:triangle,blue:circle,green:square --seed 0
+fi
+
+train() {  # train VARIANT SEED
+  local run=$OUT/$1_s$2
+  if [ -f "$run/summary.json" ]; then echo "done: $run"; return; fi
+  mkdir -p "$run"
+  "$BB" train caption --config "$REPO/configs/caption/${PREFIX}_$1.toml" --seed "$2" \
+    --out "$run" --resume >>"$run/train.log" 2>&1
+  echo "trained: $run"
+}
+
+evaluate() {  # evaluate VARIANT SEED
+  local run=$OUT/$1_s$2 split beam json
+  for split in test test_holdout; do
+    for beam in 1 3; do
+      json=$OUT/eval/$1_s$2_${split}_b$beam.json
+      [ -f "$json" ] && continue
+      "$BB" eval caption --checkpoint "$run" --data "$DATA" --split "$split" --beam "$beam" \
+        --no-progress --out "$json" >/dev/null
+    done
+  done
+}
+
+for seed in $SEEDS; do
+  for variant in "" _scst; do
+    train "lstm$variant" "$seed" &
+    train "bbeta5$variant" "$seed" &
+    wait
+    evaluate "lstm$variant" "$seed"
+    evaluate "bbeta5$variant" "$seed"
+  done
+done
+
+"$PY" - "$OUT" <<'EOF'
+"""The results table (markdown) of the evaluations and runs that exist under OUT."""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+rows = {}
+for path in sorted((out / "eval").glob("*.json")):
+    run, rest = path.stem.split("_s", 1)
+    seed, split_beam = rest.split("_", 1)
+    split, beam = split_beam.rsplit("_b", 1)
+    rows.setdefault((split, int(beam), run), {})[int(seed)] = json.loads(path.read_text())
+print("| split | decoding | model | seeds | BLEU-4 | CIDEr-D | ROUGE-L |")
+print("|---|---|---|---|---:|---:|---:|")
+for (split, beam, run), by_seed in sorted(rows.items()):
+    cells = []
+    for key in ("BLEU-4", "CIDEr-D", "ROUGE-L"):
+        values = [by_seed[s]["metrics"][key] for s in sorted(by_seed)]
+        each = " / ".join(f"{v:.3f}" for v in values)
+        cells.append(f"{each} (**{statistics.mean(values):.3f}**)" if len(values) > 1 else each)
+    seeds = ",".join(map(str, sorted(by_seed)))
+    decoding = "greedy" if beam == 1 else f"beam {beam}"
+    print(f"| {split} | {decoding} | `{run}` | {seeds} | " + " | ".join(cells) + " |")
+print()
+print("| run | best epoch | CE s/epoch | SCST s/epoch | last SCST reward |")
+print("|---|---:|---:|---:|---:|")
+for run in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").is_file()):
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ce = [r["epoch_seconds"] for r in recs if r.get("phase", "ce") == "ce"]
+    scst = [r["epoch_seconds"] for r in recs if r.get("phase") == "scst"]
+    reward = [r["train_reward"] for r in recs if r.get("phase") == "scst"]
+    best = max(recs, key=lambda r: r["val_CIDEr-D"])["epoch"] if recs else "-"
+    mean = lambda xs: f"{statistics.mean(xs):.1f}" if xs else "-"  # noqa: E731
+    last = f"{reward[-1]:.3f}" if reward else "-"
+    print(f"| {run.name} ({len(recs)} epochs) | {best} | {mean(ce)} | {mean(scst)} | {last} |")
+EOF
