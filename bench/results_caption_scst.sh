@@ -8,7 +8,7 @@
 # full : configs/caption/scenes_{lstm,bbeta5}.toml (issue 14's protocol: ResNet-18 fine-tuned
 #        from scratch, at most 40 epochs) against scenes_{lstm,bbeta5}_scst.toml (30 CE + 10 SCST)
 # quick: configs/caption/quick_{lstm,bbeta5}.toml (frozen random ResNet-18, features from the
-#        feature cache, 8 epochs) against quick_{lstm,bbeta5}_scst.toml (5 CE + 3 SCST)
+#        feature cache, 10 epochs) against quick_{lstm,bbeta5}_scst.toml (7 CE + 3 SCST)
 #
 # Resumable: a run with summary.json is skipped, an unfinished one continues from its last/
 # (--resume), an evaluation with its JSON is skipped. Run folders live under $RUNS (default
@@ -66,6 +66,11 @@ evaluate() {  # evaluate VARIANT SEED
 for seed in $SEEDS; do
   for variant in "" _scst; do
     train "lstm$variant" "$seed" &
+    first=$!
+    # Both runs of a seed share the frozen encoder's feature-cache entries: the second starts
+    # once the first has built (or opened) them, so no entry is built by two jobs at once.
+    log=$OUT/lstm${variant}_s$seed/train.log
+    while kill -0 "$first" 2>/dev/null && ! grep -qs "process(es)" "$log"; do sleep 5; done
     train "bbeta5$variant" "$seed" &
     wait
     evaluate "lstm$variant" "$seed"
