@@ -60,9 +60,7 @@ def test_coco_json_to_a_served_caption(coco, tmp_path, capsys):
     assert [(r["epoch"], r["phase"]) for r in recs] == [(1, "ce"), (2, "scst")]
     assert {"train_ce", "val_CIDEr-D", "val_BLEU-4", "val_ROUGE-L"} <= set(recs[0])
     scst_rec = recs[1]
-    assert {"train_reward", "train_baseline", "train_advantage_std", "val_CIDEr-D"} <= set(
-        scst_rec
-    )
+    assert {"train_reward", "train_baseline", "train_advantage_std", "val_CIDEr-D"} <= set(scst_rec)
     assert "train_ce" not in scst_rec and scst_rec["train_reward"] >= 0.0
     # train (16 + 4 restval) and val images: a store and a feature array each
     cached = entries(cache)
