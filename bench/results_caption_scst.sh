@@ -10,8 +10,8 @@
 # quick: configs/caption/quick_{lstm,bbeta5}.toml (frozen random ResNet-18, features from the
 #        feature cache, 10 epochs) against quick_{lstm,bbeta5}_scst.toml (7 CE + 3 SCST)
 #
-# Resumable: a run with summary.json is skipped, an unfinished one continues from its last/
-# (--resume), an evaluation with its JSON is skipped. Run folders live under $RUNS (default
+# Resumable: a finished run (marked .done) is skipped, an unfinished one continues from its
+# last/ (--resume), an evaluation with its JSON is skipped. Run folders live under $RUNS (default
 # ~/bbservice-runs/caption), outside the work tree; the scenes under ~/bbservice-runs/scenes64
 # (generated here when absent, with the command of docs/results_caption.md). Two runs train at
 # a time (lstm and bbeta5 of a variant), one intra-op thread each. The table is printed at the
@@ -42,13 +42,33 @@ if [ ! -f "$DATA" ]; then
     --n-holdout 300 --image-size 64 --holdout red:triangle,blue:circle,green:square --seed 0
 fi
 
-train() {  # train VARIANT SEED
-  local run=$OUT/$1_s$2
-  if [ -f "$run/summary.json" ]; then echo "done: $run"; return; fi
+done_run() { [ -f "$OUT/$1_s$2/.done" ]; }
+
+train() {  # train VARIANT SEED [OPTION ...]: --resume from last/ if there is one
+  local variant=$1 seed=$2 run=$OUT/$1_s$2
+  shift 2
   mkdir -p "$run"
-  "$BB" train caption --config "$REPO/configs/caption/${PREFIX}_$1.toml" --seed "$2" \
-    --out "$run" --resume >>"$run/train.log" 2>&1
-  echo "trained: $run"
+  "$BB" train caption --config "$REPO/configs/caption/${PREFIX}_$variant.toml" --seed "$seed" \
+    --out "$run" --resume "$@" >>"$run/train.log" 2>&1
+}
+
+pair() {  # pair GATE SEED: the cross-entropy run and its SCST variant
+  # The SCST run's first scst_after epochs are the cross-entropy run's (same config and seed),
+  # so they are trained once: the CE run stops after scst_after epochs, its folder is copied
+  # to the SCST run, and both continue with --resume (which reproduces an uninterrupted run,
+  # tests/test_train_caption.py::test_resume_continues_after_the_last_finished_epoch).
+  local gate=$1 seed=$2 ce=$OUT/$1_s$2 scst=$OUT/$1_scst_s$2 after
+  after=$(sed -n 's/^scst_after *= *\([0-9]*\).*/\1/p' "$REPO/configs/caption/${PREFIX}_${gate}_scst.toml")
+  if ! done_run "${gate}_scst" "$seed" && [ ! -f "$scst/last/trainer.pt" ]; then
+    [ -f "$ce/.done" ] || train "$gate" "$seed" --epochs "$after"
+    if [ "$(cat "$ce/metrics.jsonl" 2>/dev/null | wc -l)" -le "$after" ]; then
+      rm -rf "$scst" && cp -r "$ce" "$scst" && rm -f "$scst/summary.json"
+      echo "branched: $scst after epoch $after of $ce"
+    fi  # else the CE run is already past the branch point: the SCST run trains from scratch
+  fi
+  done_run "$gate" "$seed" || { train "$gate" "$seed" && touch "$ce/.done"; }
+  done_run "${gate}_scst" "$seed" || { train "${gate}_scst" "$seed" && touch "$scst/.done"; }
+  echo "trained: $ce $scst"
 }
 
 evaluate() {  # evaluate VARIANT SEED
@@ -64,18 +84,15 @@ evaluate() {  # evaluate VARIANT SEED
 }
 
 for seed in $SEEDS; do
-  for variant in "" _scst; do
-    train "lstm$variant" "$seed" &
-    first=$!
-    # Both runs of a seed share the frozen encoder's feature-cache entries: the second starts
-    # once the first has built (or opened) them, so no entry is built by two jobs at once.
-    log=$OUT/lstm${variant}_s$seed/train.log
-    while kill -0 "$first" 2>/dev/null && ! grep -qs "process(es)" "$log"; do sleep 5; done
-    train "bbeta5$variant" "$seed" &
-    wait
-    evaluate "lstm$variant" "$seed"
-    evaluate "bbeta5$variant" "$seed"
-  done
+  pair lstm "$seed" &
+  first=$!
+  # Both gates of a seed share the frozen encoder's feature-cache entries (quick tier): the
+  # second starts once the first has built (or opened) them, so no entry is built twice at once.
+  log=$OUT/lstm_s$seed/train.log
+  while kill -0 "$first" 2>/dev/null && ! grep -qs "process(es)" "$log"; do sleep 5; done
+  pair bbeta5 "$seed" &
+  wait
+  for variant in lstm bbeta5 lstm_scst bbeta5_scst; do evaluate "$variant" "$seed"; done
 done
 
 "$PY" - "$OUT" <<'EOF'
