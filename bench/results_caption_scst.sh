@@ -98,6 +98,7 @@ done
 "$PY" - "$OUT" <<'EOF'
 """The results table (markdown) of the evaluations and runs that exist under OUT."""
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -105,9 +106,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 rows = {}
 for path in sorted((out / "eval").glob("*.json")):
-    run, rest = path.stem.split("_s", 1)
-    seed, split_beam = rest.split("_", 1)
-    split, beam = split_beam.rsplit("_b", 1)
+    run, seed, split, beam = re.fullmatch(r"(.+)_s(\d+)_(.+)_b(\d+)", path.stem).groups()
     rows.setdefault((split, int(beam), run), {})[int(seed)] = json.loads(path.read_text())
 print("| split | decoding | model | seeds | BLEU-4 | CIDEr-D | ROUGE-L |")
 print("|---|---|---|---|---:|---:|---:|")
