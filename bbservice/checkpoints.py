@@ -8,8 +8,10 @@ A checkpoint is a folder::
     trainer.pt          ``last/`` only: optimizer, scheduler, RNG states, epoch (for resume)
 
 A training run folder holds ``best/`` and ``last/`` checkpoints; every loader here also takes
-the run folder and reads its ``best/``. Folders are written to a temporary sibling and renamed
-into place, so an interruption leaves either the old or the new checkpoint, never half of one.
+the run folder and reads its ``best/``. Folders are written to a temporary sibling, fsynced and
+renamed into place, so an interruption leaves either the old or the new checkpoint, never half
+of one; a swap cut between its two renames is finished by :func:`recover`, which the loaders
+and :func:`atomic_dir` call.
 
 Trainers, evaluation, the exporter, the service and the tests all read and write through this
 module. torch and safetensors are imported inside the functions that need them, so the
@@ -22,8 +24,7 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,26 +45,92 @@ TRAINER_FILE = "trainer.pt"
 # -- writing ------------------------------------------------------------------------------------
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new files, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and the folders themselves (deepest first)."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(root))
+
+
+def _swap_paths(target: Path) -> tuple[Path, Path]:
+    """(the new copy being written, the old copy being replaced) of a folder swap."""
+    return target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def recover(target: str | Path) -> bool:
+    """Finish or undo a folder swap that a crash interrupted; True when ``target`` exists.
+
+    :func:`atomic_dir` writes ``.NAME.tmp`` (fsynced), renames ``NAME`` to ``.NAME.old``,
+    renames ``.NAME.tmp`` to ``NAME`` and removes ``.NAME.old``. A crash between the two
+    renames leaves no ``NAME``: the complete new copy (``.NAME.tmp``) is moved into place,
+    else the old one. Leftovers beside an existing ``NAME`` (a half-written ``.tmp``, an
+    ``.old`` not yet removed) are deleted. A folder that cannot be written is left alone.
+    """
+    target = Path(target)
+    tmp, old = _swap_paths(target)
+    try:
+        if not target.exists() and old.is_dir():  # cut between the renames
+            source = tmp if tmp.is_dir() and _complete(tmp) else old
+            os.replace(source, target)
+            _fsync_dir(target.parent)
+        if target.exists():
+            for leftover in (tmp, old):
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+    except OSError:
+        pass  # read-only: the loaders report what is missing
+    return target.exists()
+
+
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """A temporary sibling folder that replaces ``target`` on success and vanishes on failure."""
+def atomic_dir(target: Path, between_renames: Callable[[], None] | None = None) -> Iterator[Path]:
+    """A temporary sibling folder that replaces ``target`` on success and vanishes on failure.
+
+    The new copy is written to ``.NAME.tmp`` and fsynced (files and folder) before ``NAME`` is
+    renamed to ``.NAME.old`` and the copy into place, so a crash at any moment leaves a
+    complete old or new folder (:func:`recover` finishes a swap cut between the renames).
+    ``between_renames``: called between the two renames (a hook for fault-injection tests).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes 0700; a server running as another user must read it
+    recover(target)
+    tmp, old = _swap_paths(target)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tmp.chmod(0o755)  # a server running as another user must read it
     try:
         yield tmp
-        old = target.with_name(f".{target.name}.old")
+        fsync_tree(tmp)
         if old.exists():
             shutil.rmtree(old)
         if target.exists():
             os.replace(target, old)
+            _fsync_dir(target.parent)
+        if between_renames is not None:
+            between_renames()
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
         if old.exists():
             shutil.rmtree(old)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if tmp.exists() and not (old.exists() and not target.exists()):
+            shutil.rmtree(tmp)  # a failed write; a cut swap is left for recover()
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -89,12 +156,14 @@ def save_checkpoint(
     config: dict,
     trainer_state: dict | None = None,
     extra_files: dict[str, str] | None = None,
+    between_renames: Callable[[], None] | None = None,
 ) -> None:
     """Write ``folder`` atomically: weights, ``config.json``, optional ``trainer.pt`` and files.
 
     ``extra_files`` maps file names to text contents (e.g. a vocabulary).
+    ``between_renames``: see :func:`atomic_dir`.
     """
-    with atomic_dir(Path(folder)) as tmp:
+    with atomic_dir(Path(folder), between_renames) as tmp:
         save_weights(model, tmp / WEIGHTS_FILE)
         write_json(tmp / CONFIG_FILE, config)
         if trainer_state is not None:
@@ -111,8 +180,13 @@ def save_checkpoint(
 def resolve(folder: str | Path) -> Path:
     """A checkpoint folder itself, or the ``best/`` checkpoint of a run folder."""
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() and (folder / "best" / CONFIG_FILE).is_file():
-        return folder / "best"
+    if not folder.exists():
+        recover(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        if (folder / "best").exists() or _swap_paths(folder / "best")[1].exists():
+            recover(folder / "best")
+        if (folder / "best" / CONFIG_FILE).is_file():
+            return folder / "best"
     return folder
 
 
@@ -130,7 +204,7 @@ def read_config(folder: str | Path, kind: str | None = None) -> dict:
     """
     folder = Path(folder)
     path = folder / CONFIG_FILE
-    if not folder.exists():
+    if not folder.exists() and not recover(folder):
         raise DataError(f"checkpoint '{folder}' does not exist")
     if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise DataError(
@@ -165,6 +239,7 @@ def load_trainer_state(folder: str | Path) -> dict:
     """``trainer.pt`` of a ``last/`` checkpoint (optimizer, scheduler, RNG, epoch)."""
     import torch
 
+    recover(folder)
     return torch.load(Path(folder) / TRAINER_FILE, weights_only=False, map_location="cpu")
 
 

@@ -15,7 +15,8 @@ Metrics (label ``kind``: ``music`` | ``caption``)::
     bbservice_stochastic_queue_depth  gauge      requests waiting for the PyTorch path
     bbservice_model_load_failures     counter    models that failed to load or warm up
 
-Gauges add up over workers (``multiprocess_mode="livesum"``).
+Gauges add up over workers (``multiprocess_mode="livesum"``). Every series starts at zero
+for both kinds; the batch size is recorded for captions only (music requests are not merged).
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ class ServiceMetrics:
         """A model failed to load or warm up."""
         self.load_failures.labels(kind=_kind(kind)).inc()
 
+    def zero(self) -> None:
+        """Create every series of every kind at zero, so that ``/metrics`` lists them all from
+        the start (multiprocess mode shows only series that exist)."""
+        for metric in (
+            self.batch_size,
+            self.decode_steps,
+            self.queue_depth,
+            self.stochastic_queue_depth,
+            self.load_failures,
+        ):
+            for kind in KINDS:
+                metric.labels(kind=kind)
+
 
 def _kind(kind: str) -> str:
     if kind not in KINDS:
@@ -96,7 +110,7 @@ def _make(registry: Any) -> ServiceMetrics:
 
     kw = {} if registry is None else {"registry": registry}
     labels = ["kind"]
-    return ServiceMetrics(
+    metrics = ServiceMetrics(
         batch_size=prom.Histogram(
             f"{PREFIX}_batch_size",
             "Requests merged into one model call",
@@ -132,3 +146,5 @@ def _make(registry: Any) -> ServiceMetrics:
             **kw,
         ),
     )
+    metrics.zero()
+    return metrics

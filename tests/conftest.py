@@ -86,3 +86,64 @@ def write_random_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+# -- killed training runs (tests of exact resume) ------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kill_training_at(argv: list[str], pause: str, tmp_path: Path, timeout: float = 240) -> str:
+    """Run ``python -m bbservice.cli *argv`` in a real subprocess (one thread), wait until it
+    reaches the pause point ``pause`` (:func:`training.common.pause_point`), SIGKILL it and
+    return its log. Fails if it ends or times out first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker, log_path = tmp_path / f"paused-{os.getpid()}", tmp_path / "killed.log"
+    marker.unlink(missing_ok=True)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        BBSERVICE_PAUSE_AT=pause,
+        BBSERVICE_PAUSE_MARKER=str(marker),
+    )
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bbservice.cli", *argv],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not marker.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"training ended before {pause}: {log_path.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"training did not reach {pause} within {timeout} s")
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return log_path.read_text()
+
+
+def same_weights(a: Path, b: Path) -> list[str]:
+    """Names of the tensors that differ (bit for bit) between two checkpoint folders."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return [k for k in wa if not (wa[k].dtype == wb[k].dtype and wa[k].equal(wb[k]))]
+
+
+def without_times(records: list[dict]) -> list[dict]:
+    """Metrics records without their wall-clock fields."""
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]

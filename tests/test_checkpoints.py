@@ -96,3 +96,53 @@ def test_atomic_dir_leaves_the_old_folder_on_failure(tmp_path):
         raise RuntimeError("interrupted")
     assert (target / "a").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def _swap_cut(tmp_path, keep_new: bool):
+    """A run folder as a kill between the two renames of a last/ swap leaves it."""
+    model = _music()
+    last = tmp_path / "last"
+    config = {"kind": "music", "model": model.config.to_dict()}
+    checkpoints.save_checkpoint(last, model, {**config, "metrics": {"epoch": 1}}, {"e": 1})
+
+    def die():
+        raise KeyboardInterrupt("killed between the renames")
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint(
+            last, model, {**config, "metrics": {"epoch": 2}}, {"e": 2}, between_renames=die
+        )
+    assert not last.exists() and (tmp_path / ".last.old").is_dir()
+    assert (tmp_path / ".last.tmp").is_dir()
+    if not keep_new:
+        import shutil
+
+        shutil.rmtree(tmp_path / ".last.tmp")
+    return last
+
+
+@pytest.mark.parametrize("keep_new", [True, False])
+def test_a_swap_cut_between_the_renames_is_recovered(tmp_path, keep_new):
+    last = _swap_cut(tmp_path, keep_new)
+    assert checkpoints.load_trainer_state(last) == {"e": 2 if keep_new else 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_loaders_recover_a_cut_swap_of_best(tmp_path):
+    _swap_cut(tmp_path / "run", keep_new=True)
+    (tmp_path / "run" / ".last.old").rename(tmp_path / "run" / ".best.old")
+    (tmp_path / "run" / ".last.tmp").rename(tmp_path / "run" / ".best.tmp")
+    model, config = checkpoints.load_music(tmp_path / "run")
+    assert config["metrics"]["epoch"] == 2 and (tmp_path / "run" / "best").is_dir()
+
+
+def test_leftovers_beside_a_complete_folder_are_removed(tmp_path):
+    model = _music()
+    last = tmp_path / "last"
+    checkpoints.save_checkpoint(last, model, {"kind": "music"}, {"e": 1})
+    (tmp_path / ".last.tmp").mkdir()  # killed while writing the next copy
+    (tmp_path / ".last.tmp" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".last.old").mkdir()  # killed before the old copy was removed
+    assert checkpoints.recover(last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert checkpoints.load_trainer_state(last) == {"e": 1}

@@ -307,6 +307,8 @@ def test_caption_mean(client, exports):
         "max_length": CAPTION["max_length"],
         "n_best": 2,
         "length_penalty": 0.0,
+        "beam_groups": 1,
+        "diversity": 0.0,
         "attention": True,
         "seed": 0,
     }
@@ -320,6 +322,37 @@ def test_caption_mean(client, exports):
     np.testing.assert_allclose(att.sum(axis=(1, 2)), 1.0, atol=1e-3)
     again = caption(client, image_bytes(), beam_size=3, n_best=2, attention=True)
     assert again.json() == body  # the same request gives the same answer
+
+
+def test_caption_diverse_beam_search(client, exports):
+    """beam_groups and diversity reach the shared decoder: the answer is beam_search's with
+    groups=2 on the same image, echoed in params; a strong diversity makes the groups differ."""
+    from bbservice import runtime
+    from bbservice.decoding import beam_search
+    from bbservice.images import load_image, preprocess
+    from bbservice.vocab import Vocabulary
+
+    form = dict(beam_size=4, n_best=2, beam_groups=2, diversity=100.0)
+    r = caption(client, image_bytes(), **form)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {k: body["params"][k] for k in form} == form
+    export = runtime.load_export(exports["caption"], device="cpu")
+    image = load_image(io.BytesIO(image_bytes()), max_pixels=10**7, name="image")
+    hyps = beam_search(
+        export.caption_stepper(),
+        preprocess(image, export.image_size)[None],
+        start_id=export.special_ids["start"],
+        end_id=export.special_ids["end"],
+        beam_size=4,
+        max_length=export.max_length,
+        n_best=2,
+        groups=2,
+        diversity=100.0,
+    )[0]
+    vocab = Vocabulary.from_itos(export.vocabulary, "test")
+    assert [c["words"] for c in body["captions"]] == [vocab.words(h.tokens) for h in hyps]
+    assert body["captions"][0]["words"] != body["captions"][1]["words"]
 
 
 def test_caption_stochastic(client):
@@ -403,11 +436,69 @@ def test_models(client, exports):
         assert info["content_hash"] == manifest["content_hash"]
         assert info["gate_family"] == "bbeta5" and info["source"] == "export folder"
         assert all(p == ["CPUExecutionProvider"] for p in info["providers"].values())
+        assert info["device"] == "cpu" and info["io_binding"] is False
+        assert info["precision"] == "fp32" and info["onnxruntime"]
         assert info["verification"]["passed"] is True and info["warmup_ms"] > 0
         assert info["stochastic"]["available"] is True
+        assert info["stochastic"]["device"] == "cpu"  # torch sees no GPU here
     assert body["models"]["caption"]["vocabulary_size"] == CAPTION["vocab_size"]
     assert body["limits"]["max_pixels"] == 4_000_000
     assert body["versions"]["onnxruntime"]
+
+
+def test_get_models_answers_like_post(client):
+    got, posted = client.get("/models"), client.post("/models")
+    assert got.status_code == posted.status_code == 200, got.text
+    assert got.headers["content-type"] == "application/json"
+    strip = lambda b: {k: v for k, v in b.items() if k != "models"}  # noqa: E731
+    assert strip(got.json()) == strip(posted.json())
+    for kind in ("music", "caption"):
+        g, p = got.json()["models"][kind], posted.json()["models"][kind]
+        assert g["providers"] == p["providers"] and g["device"] == p["device"] == "cpu"
+    assert client.get("/models/").status_code in (200, 307)
+    assert client.put("/models").status_code == 405
+
+
+def test_declared_resources():
+    """No GPU declared without the CUDA provider; BBSERVICE_DEVICE=cuda declares one (the
+    decorator reads it when the service module is imported, hence a fresh interpreter)."""
+    from bbservice.service import BBService
+
+    assert "gpu" not in BBService.config["resources"]  # CPU onnxruntime here, device auto
+    code = "from bbservice.service import BBService; print(BBService.config['resources'])"
+    env = dict(os.environ, BBSERVICE_DEVICE="cuda", BENTOML_DO_NOT_TRACK="True")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str({"cpu": "1", "memory": "2Gi", "gpu": 1})
+
+
+def _sample(name: str, kind: str) -> float:
+    import prometheus_client
+
+    return prometheus_client.REGISTRY.get_sample_value(name, {"kind": kind}) or 0.0
+
+
+def test_project_metrics_follow_the_requests(client):
+    """Batch sizes, decode steps and queue depths are recorded where the service runs models."""
+    names = ["bbservice_batch_size_count", "bbservice_decode_steps_count"]
+    before = {(n, k): _sample(n, k) for n in names for k in ("music", "caption")}
+    steps_before = _sample("bbservice_decode_steps_sum", "music")
+    assert caption(client, image_bytes(), beam_size=2).status_code == 200
+    assert caption(client, image_bytes(), mode="stochastic", samples=2).status_code == 200
+    r = client.post("/generate_json", json={"frames": 6, "num_outputs": 2})
+    assert r.status_code == 200, r.text
+    after = {key: _sample(*key) for key in before}
+    assert after["bbservice_batch_size_count", "caption"] == before[names[0], "caption"] + 1
+    assert after["bbservice_batch_size_count", "music"] == before[names[0], "music"]
+    assert after["bbservice_decode_steps_count", "caption"] == before[names[1], "caption"] + 2
+    assert after["bbservice_decode_steps_count", "music"] == before[names[1], "music"] + 1
+    # no primer: one step from the silent frame, then one per new frame but the last
+    assert _sample("bbservice_decode_steps_sum", "music") - steps_before == 6
+    for gauge in ("bbservice_queue_depth", "bbservice_stochastic_queue_depth"):
+        for kind in ("music", "caption"):
+            assert _sample(gauge, kind) == 0.0  # nothing is waiting any more
 
 
 def test_openapi_lists_the_endpoints(client):
@@ -507,6 +598,19 @@ BAD = {
     "beam_size 99": (_caption_file(PNG, beam_size=99), 400, ["beam_size"]),
     "beam_size text": (_caption_file(PNG, beam_size="three"), 400, ["beam_size"]),
     "n_best > beam": (_caption_file(PNG, beam_size=2, n_best=3), 400, ["n_best"]),
+    "beam_groups not dividing": (
+        _caption_file(PNG, beam_size=3, beam_groups=2),
+        400,
+        ["beam_groups", "divide"],
+    ),
+    "beam_groups 0": (_caption_file(PNG, beam_groups=0), 400, ["beam_groups"]),
+    "diversity < 0": (_caption_file(PNG, diversity=-1), 400, ["diversity"]),
+    "diversity text": (_caption_file(PNG, diversity="lots"), 400, ["diversity"]),
+    "beam_groups stochastic": (
+        _caption_file(PNG, mode="stochastic", beam_size=2, beam_groups=2),
+        400,
+        ["beam_groups", "mean"],
+    ),
     "max_length 0": (_caption_file(PNG, max_length=0), 400, ["max_length"]),
     "negative seed": (_caption_file(PNG, seed=-1), 400, ["seed"]),
     "unknown mode": (_caption_file(PNG, mode="psychic"), 400, ["mode"]),
@@ -648,6 +752,7 @@ def test_a_broken_model_keeps_the_service_unready(exports, tmp_path):
     broken = tmp_path / "caption"
     shutil.copytree(exports["caption"], broken)
     (broken / "caption_step.onnx").write_bytes(b"not onnx")
+    failures = _sample("bbservice_model_load_failures_total", "caption")
     with make_client(export_env(exports, BBSERVICE_CAPTION_EXPORT=str(broken)), ready=False) as c:
         deadline = time.monotonic() + 30
         while c.post("/models").json()["models"]["caption"]["state"] == "loading":
@@ -657,6 +762,7 @@ def test_a_broken_model_keeps_the_service_unready(exports, tmp_path):
         assert c.get("/readyz").status_code == 503
         info = c.post("/models").json()["models"]["caption"]
         assert info["state"] == "failed" and "caption_step.onnx" in info["error"]
+        assert _sample("bbservice_model_load_failures_total", "caption") == failures + 1
         r = caption(c, image_bytes())
         assert r.status_code == 503 and "caption model is not available" in r.json()["error"]
         assert c.post("/generate", json={"frames": 4}).status_code == 200
@@ -763,3 +869,47 @@ def test_pruned_exports_serve_mean_and_stochastic(tmp_path):
             info = body["models"][kind]["stochastic"]
             assert info["available"] is True, info
             assert info["checkpoint"] == str(exports[f"{kind}_checkpoint"])
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces: the PyTorch device, the caption batcher's queue report
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_pytorch_twin_picks_cuda_when_torch_sees_a_gpu(monkeypatch):
+    import torch
+
+    from bbservice.service.slots import torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [torch_device(s) for s in ("auto", "cpu", "cuda")] == ["cpu", "cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [torch_device(s) for s in ("auto", "cpu", "cuda")] == ["cuda", "cpu", "cuda"]
+
+
+def test_caption_batcher_reports_its_queue():
+    import asyncio
+
+    from bbservice.service.batching import CaptionBatcher
+
+    depths: list[int] = []
+    batches: list[int] = []
+
+    def run(key, arrays):
+        batches.append(len(arrays))
+        time.sleep(0.05)
+        return [a.sum() for a in arrays]
+
+    async def main():
+        batcher = CaptionBatcher(run, max_batch=8, on_queue=depths.append)
+        arrays = [np.full((3, 2, 2), i, np.float32) for i in range(5)]
+        first = asyncio.ensure_future(batcher.submit(("k",), arrays[0]))
+        await asyncio.sleep(0.01)  # the first request is running now
+        rest = await asyncio.gather(*(batcher.submit(("k",), a) for a in arrays[1:]))
+        return [await first, *rest]
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == [0, 12, 24, 36, 48]
+    assert [r[1] for r in results] == [1, 4, 4, 4, 4]
+    assert batches == [1, 4]  # the first runs alone, the others wait and run together
+    assert depths == [1, 0, 1, 2, 3, 4, 0]

@@ -24,6 +24,7 @@ from test_service import image_bytes, tiny_exports
 
 from bbservice.errors import ConfigError
 from bbservice.serve_cli import SERVICE, build_command
+from bbservice.service_metrics import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120
@@ -81,14 +82,14 @@ def server(tmp_path_factory):
             state = f"exited with {proc.returncode}" if proc.poll() is not None else "running"
             pytest.skip(f"bentoml serve not ready in {START_TIMEOUT_S} s ({state}): {tail}")
         with httpx.Client(base_url=base, timeout=60) as client:
-            yield client, proc
+            yield client, proc, tmp / "server.log"
     finally:
         _stop(proc)
         log.close()
 
 
 def test_serve_caption_generate_and_shut_down(server):
-    client, proc = server
+    client, proc, log_path = server
     assert client.get("/livez").status_code == 200
     r = client.post(
         "/caption",
@@ -106,9 +107,18 @@ def test_serve_caption_generate_and_shut_down(server):
 
     r = client.post("/caption", files={"image": ("x.png", b"\x89PNG\r\n\x1a\n", "image/png")})
     assert r.status_code == 400 and "image" in r.json()["error"]
-    models = client.post("/models").json()
+    models = client.get("/models").json()
     assert models["ready"] is True and models["models"]["music"]["state"] == "warm"
-    assert client.get("/metrics").status_code == 200
+    assert models["models"]["caption"]["device"] == "cpu"
+    assert client.post("/models").json()["models"].keys() == models["models"].keys()
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    for name in METRIC_NAMES:  # the project's metrics, from the worker, next to BentoML's
+        assert f"# TYPE {name}" in metrics.text, name
+    assert 'bbservice_batch_size_count{kind="caption"} 1.0' in metrics.text
+    # the project's INFO lines pass BentoML's log level: which providers each graph really got
+    log_text = log_path.read_text(errors="replace")
+    assert "caption_step.onnx: ONNX Runtime providers ['CPUExecutionProvider']" in log_text
     assert client.get("/readyz").status_code == 200  # still up after the bad request
 
     _stop(proc)

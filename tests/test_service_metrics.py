@@ -31,6 +31,9 @@ def test_metrics_register_and_appear_in_the_text_exposition():
     assert 'bbservice_queue_depth{kind="music"} 4.0' in text
     assert 'bbservice_stochastic_queue_depth{kind="caption"} 2.0' in text
     assert 'bbservice_model_load_failures_total{kind="music"} 1.0' in text
+    # every series exists from the start, at zero
+    assert 'bbservice_model_load_failures_total{kind="caption"} 0.0' in text
+    assert 'bbservice_batch_size_count{kind="music"} 0.0' in text
 
 
 def test_unknown_kind_is_refused():

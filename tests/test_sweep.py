@@ -71,14 +71,16 @@ def test_tiny_sweep_runs_skips_and_resumes(tiny_sweep, tmp_path, one_thread):
     argv = ["train", "music", "--config", row, "--seed", "1", "--out", str(killed)]
     assert main([*argv, "--epochs", "1"]) == 0
     (killed / "summary.json").unlink()
+    (killed / "last").rename(killed / ".last.old")  # killed between the renames of a swap
     first_epoch = (killed / "metrics.jsonl").read_text()
     assert spec.jobs(root)[0].status() == "resume"
+    assert spec.jobs(root)[1].train_argv()[-1] == "--resume-if-present"  # a new run too
 
     calls = []
     statuses = sweep.run_sweep(spec, root, jobs=2, runner=in_process(calls))
     assert statuses == {f"tiny_{f}_s{s}": "done" for f in ("lstm", "bbeta5") for s in (1, 2)}
     assert len(calls) == 8  # 4 trainings, 4 evaluations
-    assert "--resume" in (killed / "train.log").read_text()
+    assert "--resume-if-present" in (killed / "train.log").read_text()
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2] and lines[0] + "\n" == first_epoch
     lstm_eval = json.loads((killed / "eval.json").read_text())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_training_at, same_weights, without_times
 
 from bbservice import checkpoints
 from bbservice.cli import main
@@ -112,6 +113,25 @@ def test_resume_continues_after_the_last_finished_epoch(scenes, tmp_path):
     assert train(small_config(scenes, run, epochs=2), resume=True)["best_epoch"] >= 1  # no-op
 
 
+def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_run(scenes, tmp_path):
+    """SIGKILL a real training process inside epoch 2, resume it and compare with an
+    uninterrupted run bit for bit (stochastic gates, dropout and scheduled sampling draw from
+    every random stream)."""
+    argv = ["train", "caption", "--data", str(scenes), "--epochs", "2", "--device", "cpu"]
+    argv += [*MODEL_ARGS, "--gate", "bbeta5", "--kl-weight", "1e-3", "--dropout", "0.2"]
+    argv += ["--ss-max", "0.5", "--ss-ramp", "1", "--seed", "5", "--max-train-images", "24"]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    log = kill_training_at([*argv, "--out", str(run)], "epoch2:step1", tmp_path)
+    assert "epoch 1 " in log and "epoch 2 " not in log
+    assert [r["epoch"] for r in records(run)] == [1]
+    assert main([*argv, "--out", str(run), "--resume"]) == 0
+    assert main([*argv, "--out", str(straight)]) == 0
+    assert without_times(records(run)) == without_times(records(straight))
+    assert [r["epoch"] for r in records(run)] == [1, 2]
+    assert same_weights(run / "last", straight / "last") == []
+    assert same_weights(run / "best", straight / "best") == []
+
+
 def test_torchrun_ddp_with_two_cpu_processes(scenes, tmp_path):
     run = tmp_path / "ddp"
     cmd = [
@@ -149,11 +169,13 @@ def test_torchrun_ddp_with_two_cpu_processes(scenes, tmp_path):
 def test_eval_cli_prints_and_writes_metrics_with_baseline(trained, scenes, tmp_path, capsys):
     out = tmp_path / "eval.json"
     args = ["eval", "caption", "--checkpoint", str(trained), "--data", str(scenes)]
-    assert main([*args, "--split", "test_holdout", "--beam", "2", "--out", str(out)]) == 0
+    args += ["--beam", "4", "--beam-groups", "2", "--diversity", "0.5"]  # diverse beam search
+    assert main([*args, "--split", "test_holdout", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "CIDEr-D" in printed and "baseline caption" in printed
     report = json.loads(out.read_text())
     assert report["split"] == "test_holdout" and report["images"] == 8
+    assert (report["beam"], report["beam_groups"], report["diversity"]) == (4, 2, 0.5)
     assert set(report["metrics"]) >= {"BLEU-4", "CIDEr-D", "ROUGE-L"}
     assert set(report["baseline"]["metrics"]) >= {"BLEU-4", "CIDEr-D"}
 
@@ -169,6 +191,17 @@ def test_caption_cli_n_best_gate_samples_and_attention(trained, scenes, tmp_path
     assert printed.count("sampled-gate passes") == 2
     for image in images:
         assert (tmp_path / f"att_{image.stem}.png").stat().st_size > 0
+
+
+def test_caption_cli_diverse_beam_search(trained, scenes, capsys):
+    image = str(sorted((scenes.parent / "images").glob("test_*.png"))[0])
+    argv = ["caption", image, "--checkpoint", str(trained), "--beam", "4", "--n-best", "2"]
+    assert main([*argv, "--beam-groups", "2", "--diversity", "100"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    first, second = (line.split("(log p")[0].split(". ", 1)[1] for line in printed[1:3])
+    assert first != second  # a strong diversity: the two groups' captions differ
+    assert main([*argv, "--beam-groups", "2", "--diversity", "-1"]) == 2
+    assert "--diversity must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_caption_cli_reports_bad_files_and_captions_the_rest(trained, scenes, tmp_path, capsys):
@@ -231,6 +264,8 @@ def test_eval_cli_errors(trained, scenes, tmp_path, capsys):
     assert main([*argv, "--split", "nonesuch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "split 'nonesuch' is empty or absent" in err[0]
+    assert main([*argv, "--beam", "3", "--beam-groups", "2"]) == 2
+    assert "--beam-groups (2) must be >= 1 and divide --beam (3)" in capsys.readouterr().err
 
 
 def test_generate_scenes_cli(tmp_path, capsys):

@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam", type=int, default=3, help="beam size (1: greedy)")
     parser.add_argument("--n-best", type=int, default=1, help="print the N best (N <= beam)")
     parser.add_argument("--length-penalty", type=float, default=0.0)
+    add_diverse_beam_arguments(parser)
     parser.add_argument(
         "--block-trigrams", action="store_true", help="no repeated word trigrams (beam)"
     )
@@ -53,6 +54,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def add_diverse_beam_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--beam-groups`` and ``--diversity`` (``bbservice caption`` and ``eval caption``)."""
+    parser.add_argument(
+        "--beam-groups",
+        type=int,
+        default=1,
+        metavar="G",
+        help="diverse beam search: G groups of beam/G beams (G divides --beam)",
+    )
+    parser.add_argument(
+        "--diversity",
+        type=float,
+        default=0.0,
+        metavar="LAMBDA",
+        help="diverse beam search: penalty per word an earlier group chose at the same step",
+    )
 
 
 def _load(paths: list[str], size: int) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
@@ -109,6 +128,14 @@ def draw_attention(image_path: str, words: list[str], attention: np.ndarray, out
     plt.close(fig)
 
 
+def check_diverse_beam(beam: int, groups: int, diversity: float) -> None:
+    """``--beam-groups`` G >= 1 dividing ``--beam``, ``--diversity`` >= 0 (a clear error)."""
+    if groups < 1 or beam % groups:
+        raise ConfigError(f"--beam-groups ({groups}) must be >= 1 and divide --beam ({beam})")
+    if not diversity >= 0 or diversity == float("inf"):
+        raise ConfigError(f"--diversity must be a finite number >= 0, got {diversity}")
+
+
 def _text(vocab, tokens) -> str:
     return " ".join(vocab.decode(tokens)) or "(empty caption)"
 
@@ -118,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--beam must be >= 1 and --n-best in [1, --beam]")
     if args.sample_gates < 0 or args.batch_size < 1:
         raise ConfigError("--sample-gates must be >= 0 and --batch-size >= 1")
+    check_diverse_beam(args.beam, args.beam_groups, args.diversity)
     device = common.pick_device(args.device)
     model, vocab, _ = checkpoints.load_caption(args.checkpoint, device)
     cfg = model.config
@@ -145,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
                 length_penalty=args.length_penalty,
                 n_best=args.n_best,
                 block_repeated_trigrams=args.block_trigrams,
+                groups=args.beam_groups,
+                diversity=args.diversity,
             )
         else:
             results = [

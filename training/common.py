@@ -8,7 +8,8 @@ Run folder layout (``--out``)::
 
     best/                    checkpoint of the best validation epoch (:mod:`bbservice.checkpoints`)
     last/                    the last finished epoch, with ``trainer.pt`` for ``--resume``
-    metrics.jsonl            one JSON line per epoch
+    metrics.jsonl            one JSON line per epoch (:class:`training.tracking.RunTracker`)
+    tensorboard/             the same scalars for TensorBoard (with the ``track`` extra)
     curves.png               learning curves
 """
 
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +46,27 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The mixed-precision type of :func:`autocast`: bfloat16 on CUDA where supported, else
+    float16; ``None`` on the CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op on the CPU."""
-    if not enabled or device.type != "cuda":
+    dtype = amp_dtype(device, enabled)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
+    """A loss scaler, enabled exactly where :func:`autocast` uses float16 (bfloat16 has
+    float32's range and needs none; disabled, it passes everything through)."""
+    use = amp_dtype(device, enabled) == torch.float16
+    return torch.amp.GradScaler(device.type if use else "cpu", enabled=use)
 
 
 def seed_everything(seed: int) -> None:
@@ -57,6 +74,57 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (legacy global state used by libraries)
     torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one process: a function of (seed, epoch, rank) only."""
+    return (seed * 1_000_003 + epoch * 7919 + rank) % 2**63
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed every random stream (Python, NumPy, torch on the CPU and CUDA) at the start of an
+    epoch: an epoch draws the same numbers whether or not the run was stopped and resumed
+    before it, and each ``torchrun`` process draws its own."""
+    seed_everything(epoch_seed(seed, epoch, rank))
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+PAUSE_ENV = "BBSERVICE_PAUSE_AT"
+PAUSE_MARKER_ENV = "BBSERVICE_PAUSE_MARKER"
+
+
+def pause_point(name: str) -> None:
+    """A place where fault-injection tests stop a training run to kill it.
+
+    With ``BBSERVICE_PAUSE_AT=name`` in the environment, the process writes the file named by
+    ``BBSERVICE_PAUSE_MARKER`` (if set) and sleeps until it is killed. Names: ``epochE:stepS``
+    (before optimizer step S, from 0, of epoch E) and ``epochE:swap`` (between the two renames
+    of ``last/`` after epoch E). Without the variable this does nothing.
+    """
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    import time
+
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker:
+        Path(marker).write_text(name)
+    log.warning("paused at %s (%s) until killed", name, PAUSE_ENV)
+    while True:
+        time.sleep(1)
+
+
+def progress_enabled(requested: bool = True) -> bool:
+    """Progress bars only where someone watches: asked for, ``stderr`` a terminal and
+    ``TQDM_DISABLE`` unset (elsewhere the trainers log one line per epoch)."""
+    disabled = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    return requested and not disabled and sys.stderr.isatty()
+
+
+def all_finite(module: nn.Module) -> bool:
+    """Whether every parameter and floating-point buffer of ``module`` is finite."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 # -- distributed --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from bbservice.errors import ConfigError
 from bbservice.models.caption import CaptionModel, TorchCaptionStepper
 from bbservice.vocab import END_ID, START_ID, Vocabulary
 from training import common
+from training.caption_cli import add_diverse_beam_arguments, check_diverse_beam
 from training.caption_data import (
     CaptionEvalDataset,
     CaptionItem,
@@ -54,13 +55,14 @@ def decode_dataset(
     *,
     beam: int = 1,
     length_penalty: float = 0.0,
-    groups: int = 1,
-    diversity: float = 0.0,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    beam_groups: int = 1,
+    diversity: float = 0.0,
 ) -> tuple[dict[int, str], float]:
-    """Caption every image of ``dataset`` with mean gates.
+    """Caption every image of ``dataset`` with mean gates (``beam_groups``/``diversity``:
+    diverse beam search; the best hypothesis over all groups is scored).
 
     Returns ``(captions, ce)``: index → caption text, and the teacher-forced cross-entropy per
     token of each image's first reference (a deterministic validation loss).
@@ -71,11 +73,11 @@ def decode_dataset(
         dataset,
         beam=beam,
         length_penalty=length_penalty,
-        groups=groups,
-        diversity=diversity,
         batch_size=batch_size,
         device=device,
         progress=progress,
+        beam_groups=beam_groups,
+        diversity=diversity,
     )
     return captions, ce_sum / max(tokens, 1)
 
@@ -87,18 +89,17 @@ def decode_dataset_sums(
     *,
     beam: int = 1,
     length_penalty: float = 0.0,
-    groups: int = 1,
-    diversity: float = 0.0,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    beam_groups: int = 1,
+    diversity: float = 0.0,
 ) -> tuple[dict[int, str], float, int]:
     """:func:`decode_dataset` with the cross-entropy as ``(sum over tokens, tokens)``, so that
     shares decoded by several processes add up exactly.
 
     ``dataset.images[i]`` may be an image (3, S, S) or, from a
     :class:`training.feature_cache.FeatureCache`, the encoder features (P, C) themselves.
-    Diverse beam search: ``groups`` > 1 (dividing ``beam``) with ``diversity`` strength.
     """
     model.eval()
     device = torch.device(device)
@@ -108,7 +109,11 @@ def decode_dataset_sums(
     captions: dict[int, str] = {}
     ce_sum, tokens = 0.0, 0
     for images, refs, index in tqdm(
-        loader, desc="decoding", disable=not progress, leave=False, unit="batch"
+        loader,
+        desc="decoding",
+        disable=not common.progress_enabled(progress),
+        leave=False,
+        unit="batch",
     ):
         with torch.inference_mode():
             images = images.to(device)
@@ -129,7 +134,7 @@ def decode_dataset_sums(
                 beam_size=beam,
                 max_length=max_length,
                 length_penalty=length_penalty,
-                groups=groups,
+                groups=beam_groups,
                 diversity=diversity,
             )
             hyps = [b[0] for b in best]
@@ -149,14 +154,14 @@ def evaluate(
     *,
     beam: int = 1,
     length_penalty: float = 0.0,
-    groups: int = 1,
-    diversity: float = 0.0,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     cache: bool = False,
     meteor: bool = False,
     progress: bool = False,
     dataset: CaptionEvalDataset | None = None,
+    beam_groups: int = 1,
+    diversity: float = 0.0,
 ) -> dict:
     """Decode and score ``items``: ``{"metrics": {...}, "ce": float, "captions": {i: str}}``."""
     if dataset is None:
@@ -167,11 +172,11 @@ def evaluate(
         dataset,
         beam=beam,
         length_penalty=length_penalty,
-        groups=groups,
-        diversity=diversity,
         batch_size=batch_size,
         device=device,
         progress=progress,
+        beam_groups=beam_groups,
+        diversity=diversity,
     )
     metrics = score_captions(dataset.references(), captions, meteor=meteor)
     return {"metrics": metrics, "ce": ce, "captions": captions}
@@ -186,12 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--beam", type=int, default=3, help="beam size (1: greedy)")
     parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument(
-        "--beam-groups", type=int, default=1, help="diverse beam search: groups (divide --beam)"
-    )
-    parser.add_argument(
-        "--diversity", type=float, default=0.0, help="diverse beam search: Hamming penalty"
-    )
+    add_diverse_beam_arguments(parser)
     parser.add_argument("--max-images", type=int, default=0, help="first N images (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -203,8 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.beam < 1 or args.batch_size < 1 or args.max_images < 0:
         raise ConfigError("--beam and --batch-size must be >= 1 and --max-images >= 0")
-    if args.beam_groups < 1 or args.beam % args.beam_groups or not args.diversity >= 0:
-        raise ConfigError("--beam-groups must be >= 1 and divide --beam; --diversity >= 0")
+    check_diverse_beam(args.beam, args.beam_groups, args.diversity)
     device = common.pick_device(args.device)
     model, vocab, folder = checkpoints.load_caption(args.checkpoint, device)
     splits = load_karpathy(args.data, args.image_root)
@@ -219,23 +218,20 @@ def run(args: argparse.Namespace) -> int:
         items,
         beam=args.beam,
         length_penalty=args.length_penalty,
-        groups=args.beam_groups,
-        diversity=args.diversity,
         batch_size=args.batch_size,
         device=device,
         meteor=args.meteor,
         progress=not args.no_progress,
+        beam_groups=args.beam_groups,
+        diversity=args.diversity,
     )
     seconds = time.perf_counter() - started
     refs = {i: [" ".join(c) for c in it.captions] for i, it in enumerate(items)}
     base_caption, base_metrics = most_frequent_caption_baseline(
         (c for it in train_items for c in it.captions), refs, meteor=args.meteor
     )
-    groups = f" ({args.beam_groups} groups, diversity {args.diversity})"
     print(
-        f"{args.split}: {len(items)} images, beam {args.beam}"
-        + (groups if args.beam_groups > 1 else "")
-        + f", checkpoint {folder} "
+        f"{args.split}: {len(items)} images, beam {args.beam}, checkpoint {folder} "
         f"({model.config.gate.family} gates), {seconds:.1f} s"
     )
     print(f"{'metric':<10} {'model':>8} {'baseline':>9}")

@@ -12,7 +12,8 @@ From trained checkpoints and their data (``python -m training.gate_diagnostics``
 * ``gates.json``: the numbers behind them (means, spreads, saturated fractions, correlations,
   the lag profile).
 
-During training (the training loop calls it after ``backward()``, before clipping)::
+During training (:meth:`training.loop.TrainingLoop.step` does this for both trainers, on
+steps whose gradients are finite, after unscaling and before clipping)::
 
     meter = GradNormMeter()                   # once per epoch
     meter.update(model.rnn)                   # after loss.backward()

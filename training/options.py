@@ -29,6 +29,7 @@ class TrainConfig:
     patience: int = 2
     min_lr: float = 1e-6
     clip: float = 5.0
+    max_bad_steps: int = 20
     weight_decay: float = 0.0
     early_stop: int = 0
     seed: int = 1
@@ -43,6 +44,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_bad_steps < 1:
+            raise ConfigError("--max-bad-steps must be >= 1")
         if self.lr <= 0 or self.clip <= 0:
             raise ConfigError("--lr and --clip must be > 0")
         if not 0 < self.lr_decay <= 1:
@@ -96,6 +99,13 @@ def add_optimisation_arguments(parser: Parser, defaults, *, lr_help: str | None 
         "--patience", type=int, default=d.patience, help="epochs without gain before a decay"
     )
     parser.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip")
+    parser.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=d.max_bad_steps,
+        help="steps with a non-finite loss or gradient are skipped; stop with an error after "
+        "this many in a row",
+    )
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument(
         "--early-stop",
@@ -106,8 +116,25 @@ def add_optimisation_arguments(parser: Parser, defaults, *, lr_help: str | None 
 
 
 def add_run_arguments(parser: Parser, defaults) -> None:
-    """Seed, device, mixed precision and ``--resume``."""
+    """Seed, device, mixed precision, ``--resume`` and ``--resume-if-present``."""
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last after its epoch (an error when there is none)",
+    )
+    resume.add_argument(
+        "--resume-if-present",
+        action="store_true",
+        help="continue from OUT/last if there is one, else start afresh (for sweeps)",
+    )
+
+
+def resume_mode(args: argparse.Namespace) -> bool | str:
+    """``--resume`` -> True, ``--resume-if-present`` -> ``"if-present"``, neither -> False."""
+    if getattr(args, "resume_if_present", False):
+        return "if-present"
+    return bool(getattr(args, "resume", False))

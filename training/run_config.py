@@ -44,7 +44,7 @@ from typing import Any
 from bbservice.errors import ConfigError
 
 # Destinations that say how to run, not what to train: never read from a file.
-RUN_ONLY = frozenset({"help", "config", "resume"})
+RUN_ONLY = frozenset({"help", "config", "resume", "resume_if_present"})
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ Every job is ``bbservice train music --config ROW.toml --seed S --out ROOT/NAME`
 subprocess with one thread (``OMP_NUM_THREADS=1``: torch's intra-op pool follows it), its
 output in ``ROOT/NAME/train.log`` / ``eval.log``. Run names are ``DATASET_FAMILY_sSEED``, so
 two sweeps that share rows share their runs. Resumable: a run with ``eval.json`` is done and
-skipped; one whose training finished (``summary.json``) is only evaluated; one with a
-``last/`` checkpoint is continued with ``--resume``; anything else starts fresh. The root is
+skipped; one whose training finished (``summary.json``) is only evaluated; every other run is
+trained with ``--resume-if-present``: one with a ``last/`` checkpoint (or a checkpoint swap cut
+short by a kill) continues after its last finished epoch, anything else starts fresh. The root is
 ``--root``, else ``$BBSERVICE_RUNS``, else ``~/bbservice-runs`` (outside the work tree).
 
 At the end (and with ``--report-only`` without training) the results table and the curves
@@ -144,14 +145,13 @@ class Job:
             return "done"
         if (self.run_dir / "summary.json").is_file() and (self.run_dir / "best").is_dir():
             return "trained"
-        if (self.run_dir / "last" / "trainer.pt").is_file():
-            return "resume"
+        if any((self.run_dir / d / "trainer.pt").is_file() for d in ("last", ".last.old")):
+            return "resume"  # .last.old: a kill cut the swap of last/; training recovers it
         return "new"
 
     def train_argv(self) -> list[str]:
         argv = ["train", "music", "--config", str(self.config), "--seed", str(self.seed)]
-        argv += ["--out", str(self.run_dir)]
-        return [*argv, "--resume"] if self.status() == "resume" else argv
+        return [*argv, "--out", str(self.run_dir), "--resume-if-present"]
 
     def eval_argv(self, mc_samples: int, split: str = "test") -> list[str]:
         stochastic = make_gate(GateConfig(family=self.family)).stochastic
@@ -173,8 +173,7 @@ def subprocess_runner(threads: int = 1) -> Runner:
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
-        "TQDM_MININTERVAL": "60",  # progress bars in the logs: one update a minute at most
-    }
+    }  # the log is not a terminal: no progress bars, one line per epoch
 
     def run(argv: Sequence[str], log_path: Path) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -276,7 +276,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionTrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = train(config_from_args(args), resume=args.resume)
+    summary = train(config_from_args(args), resume=options.resume_mode(args))
     if summary:
         print(json.dumps(summary, sort_keys=True))
     return 0
@@ -287,13 +287,7 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Torch seed of an epoch: every epoch draws the same captions and gate noise whether or
-    not the run was interrupted before it."""
-    return (seed * 1_000_003 + epoch * 7919 + rank) % 2**63
-
-
-def train(cfg: CaptionTrainConfig, resume: bool = False) -> dict:
+def train(cfg: CaptionTrainConfig, resume: bool | str = False) -> dict:
     """Train; returns a summary (best epoch and its validation metrics) on the main process."""
     return launch(CaptionTraining, cfg, resume)
 
@@ -305,7 +299,7 @@ class CaptionTraining(TrainingLoop):
     best_mode = "max"
     best_keys = ("best_score", "best_epoch")
 
-    def __init__(self, cfg: CaptionTrainConfig, dist, device, resume: bool = False) -> None:
+    def __init__(self, cfg: CaptionTrainConfig, dist, device, resume: bool | str = False) -> None:
         super().__init__(cfg, dist, device, resume)
         self.best_metrics: dict = {}
         self._load_items()
@@ -397,8 +391,6 @@ class CaptionTraining(TrainingLoop):
         if model_cfg.sparse:
             targets = self.train_ds.targets_per_epoch()
             self.sparse = SparseKLSchedule(cfg.sparse_kl_weight, cfg.sparse_kl_warmup, targets)
-        use_scaler = self.device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         # With cached features only the decoder runs (and is synchronised) in training.
         self.ddp_model = dist.wrap(self.model.decoder if cached else self.model)
         self.counts = self.model.parameter_counts()
@@ -457,7 +449,7 @@ class CaptionTraining(TrainingLoop):
             sampler = DistributedSampler(self.train_ds, shuffle=True, seed=cfg.seed)
             sampler.set_epoch(epoch)
         else:
-            order = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 0))
+            order = torch.Generator().manual_seed(common.epoch_seed(cfg.seed, epoch, 0))
             sampler = RandomSampler(self.train_ds, generator=order)
         return DataLoader(
             self.train_ds,
@@ -471,8 +463,7 @@ class CaptionTraining(TrainingLoop):
         if self.cfg.is_scst_epoch(epoch):
             return self.scst_epoch(epoch)
         cfg, dist, model, device = self.cfg, self.dist, self.model, self.device
-        started = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, dist.rank))
+        started = time.perf_counter()  # the loop seeded this epoch's streams
         loader = self._loader(epoch)
         ss_prob = cfg.sampling_probability(epoch)
         model.train()
@@ -487,12 +478,8 @@ class CaptionTraining(TrainingLoop):
             total = loss.total
             if self.sparse is not None:
                 total = total + self.sparse.loss(cell.kl(), epoch, step / max(len(bar), 1))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)  # after backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if not self.step(total):  # skipped: a non-finite loss or gradient
+                continue
             for key in ("ce", "attention", "kl"):
                 sums[key] += float(getattr(loss, key).detach()) * loss.tokens
             sums["tokens"] += loss.tokens
@@ -512,7 +499,7 @@ class CaptionTraining(TrainingLoop):
         reward statistics, averaged over the batches of all processes."""
         cfg, dist, model, device = self.cfg, self.dist, self.model, self.device
         started = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, dist.rank))
+        # (the loop seeded this epoch's streams)
         if epoch == cfg.scst_after + 1 and cfg.scst_lr:
             for group in self.optimizer.param_groups:  # resumed later: the saved state has it
                 group["lr"] = cfg.scst_lr
@@ -528,9 +515,11 @@ class CaptionTraining(TrainingLoop):
             batch = SCSTBatch(inputs.to(device), refs)
             with common.autocast(device, cfg.amp):
                 result = scst_step(model, batch, self.scorer, self.vocab.itos, scst_cfg)
+            # Not the loop's shared step(): the gradients of the plain model (not the DDP
+            # wrapper) are averaged by hand between backward and unscale.
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(result.loss).backward()
-            average_gradients(model)  # the step ran on the plain model, not the DDP wrapper
+            average_gradients(model)
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             self.scaler.step(self.optimizer)
@@ -618,6 +607,9 @@ class CaptionTraining(TrainingLoop):
 
     def checkpoint_files(self) -> dict[str, str]:
         return {VOCAB_FILE: json.dumps({"itos": self.vocab.itos}, ensure_ascii=False, indent=0)}
+
+    def grad_cell(self) -> torch.nn.Module:
+        return self.model.decoder.cell
 
     def trainer_state(self, epoch: int) -> dict:
         return {**super().trainer_state(epoch), "best_metrics": self.best_metrics}

@@ -113,12 +113,14 @@ def config_from_args(args: argparse.Namespace) -> MusicTrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    train(config_from_args(args), resume=args.resume)
+    train(config_from_args(args), resume=options.resume_mode(args))
     return 0
 
 
-def train(cfg: MusicTrainConfig, resume: bool = False) -> dict:
-    """Train; returns the final summary (best validation and its test NLL)."""
+def train(cfg: MusicTrainConfig, resume: bool | str = False) -> dict:
+    """Train; returns the final summary (best validation and its test NLL).
+
+    ``resume``: see :class:`training.loop.TrainingLoop`."""
     return launch(MusicTraining, cfg, resume)
 
 
@@ -128,7 +130,7 @@ class MusicTraining(TrainingLoop):
     best_mode = "min"
     best_keys = ("best_val", "best_epoch")
 
-    def __init__(self, cfg: MusicTrainConfig, dist, device, resume: bool = False) -> None:
+    def __init__(self, cfg: MusicTrainConfig, dist, device, resume: bool | str = False) -> None:
         super().__init__(cfg, dist, device, resume)
         self.splits = load_music(cfg.data)
         self.train_seqs = self._training_sequences()
@@ -143,6 +145,8 @@ class MusicTraining(TrainingLoop):
             frames = torch.from_numpy(np.concatenate(self.train_seqs).mean(0))
             self.model.init_readout_bias(frames)
         self.n_params = count_parameters(self.model)
+        self.rng = np.random.default_rng(cfg.seed)  # the batch order (same on every process)
+        self.data_rng_state: dict | None = None
         self.sparse = None
         if cfg.model.sparse:
             frames = sum(len(seq) - 1 for seq in self.train_seqs)
@@ -161,7 +165,6 @@ class MusicTraining(TrainingLoop):
 
     def prepare(self) -> None:
         cfg, dist = self.cfg, self.dist
-        torch.manual_seed(cfg.seed * 7919 + dist.rank + self.start_epoch)  # noise per rank
         self.ddp_model = dist.wrap(self.model)
         if dist.is_main:
             log.info(
@@ -175,9 +178,21 @@ class MusicTraining(TrainingLoop):
                 self.device,
                 dist.world_size,
             )
-        self.rng = np.random.default_rng(cfg.seed)
-        for _ in range(1, self.start_epoch):
-            self.rng.permutation(len(self.train_seqs))  # the batch order of an unbroken run
+        if self.data_rng_state is not None:
+            self.rng.bit_generator.state = self.data_rng_state
+        else:  # a fresh run, or a trainer.pt without the state: replay the earlier epochs
+            for _ in range(1, self.start_epoch):
+                self.rng.permutation(len(self.train_seqs))
+
+    def grad_cell(self) -> torch.nn.Module:
+        return self.model.rnn
+
+    def trainer_state(self, epoch: int) -> dict:
+        return {**super().trainer_state(epoch), "data_rng": self.rng.bit_generator.state}
+
+    def load_trainer_state(self, state: dict) -> None:
+        super().load_trainer_state(state)
+        self.data_rng_state = state.get("data_rng")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, dist, model = self.cfg, self.dist, self.model
@@ -199,10 +214,8 @@ class MusicTraining(TrainingLoop):
             loss = (nll + kl_weight * kl) / frames if kl is not None else nll / frames
             if self.sparse is not None:
                 loss = loss + self.sparse.loss(model.sparse_kl(), epoch, step / max(len(mine), 1))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)  # after backward()
-            self.optimizer.step()
+            if not self.step(loss):  # skipped: a non-finite loss or gradient
+                continue
             loss_sum += float(nll.detach())
             frame_count += frames
             kl_sum += float(kl.detach()) if kl is not None else 0.0

@@ -1,7 +1,8 @@
 """The BentoML service: captions and music over HTTP (``bbservice.service:BBService``).
 
-Endpoints (all ``POST``; BentoML adds ``GET /livez``, ``/readyz``, ``/metrics`` and the
-OpenAPI page at ``/``)::
+Endpoints (all ``POST``, ``/models`` also ``GET``; BentoML adds ``GET /livez``, ``/readyz``,
+``/metrics`` — with the project's metrics, :mod:`bbservice.service_metrics` — and the OpenAPI
+page at ``/``)::
 
     /caption        multipart: image file + decoding parameters      -> JSON captions
     /generate       JSON or multipart (optional primer MIDI file)    -> audio/midi file
@@ -25,7 +26,7 @@ The package::
 
     app.py        the endpoints: validate, call a slot, shape the answer
     settings.py   limits and the BBSERVICE_* environment variables
-    http.py       one error shape, the endpoints' error glue, the ASGI request guard
+    http.py       one error shape, the endpoints' error glue, the ASGI request guard, GET /models
     slots.py      model slots: export + PyTorch twin, warm-up, running the models
     batching.py   adaptive batching of caption requests
     answers.py    the JSON bodies (caption items, music outputs, /models)

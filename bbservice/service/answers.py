@@ -101,10 +101,9 @@ def slot_report(slot: ModelSlot) -> dict[str, Any]:
     info.update(
         content_hash=m["content_hash"],
         gate_family=m.get("gate_family"),
-        precision=slot.export.precision,
         precisions=m.get("precisions"),
         created=slot.created,
-        providers=slot.export.providers,
+        **slot.export.info(),  # device, providers per graph, io_binding, precision, onnxruntime
         metrics=cfg.get("metrics", {}),
         model_config=cfg.get("model", {}),
         verification={

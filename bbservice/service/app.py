@@ -25,18 +25,20 @@ from starlette.responses import JSONResponse, Response
 
 import bbservice
 from bbservice import runtime
+from bbservice.deployment import configure_logging, service_resources
 from bbservice.errors import ConfigError, DataError, first_line
 from bbservice.images import load_image, preprocess
 from bbservice.pianoroll import parse_primer, rolls_to_midi_bytes
 from bbservice.service import answers, slots
 from bbservice.service.batching import CaptionBatcher
-from bbservice.service.http import HTTPError, RequestGuard, answers_errors
+from bbservice.service.http import GetModels, HTTPError, RequestGuard, answers_errors
 from bbservice.service.schemas import CaptionResponse, Mode, MusicRequest, MusicResponse, Seed
 from bbservice.service.settings import (
     KINDS,
     MAX_BEAM,
     MAX_CAPTION_WORDS,
     MAX_CONCURRENCY,
+    MAX_DIVERSITY,
     MAX_PRIMER_BYTES,
     MAX_PRIMER_FRAMES,
     MAX_SAMPLES,
@@ -44,11 +46,14 @@ from bbservice.service.settings import (
     REQUEST_TIMEOUT_S,
     WARMUP_WAIT_S,
     Settings,
+    device_from_env,
     export_folder_from_env,
 )
 from bbservice.service.slots import ModelSlot
+from bbservice.service_metrics import service_metrics
 
 log = logging.getLogger("bbservice.service")
+configure_logging()  # the project's INFO lines (real providers) pass BentoML's WARNING root
 # The optional `primer` file field has default None, which BentoML's file serializer cannot
 # show in the JSON schema; pydantic warns about that on every schema build.
 warnings.filterwarnings("ignore", message="Unable to serialize value None with the plain serial")
@@ -56,6 +61,7 @@ warnings.filterwarnings("ignore", message="Unable to serialize value None with t
 
 @bentoml.service(
     name="bbservice",
+    resources=service_resources(device_from_env()),
     workers=1,
     traffic={"timeout": REQUEST_TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY},
     labels={"project": "bbservice"},
@@ -73,7 +79,13 @@ class BBService:
     def __init__(self) -> None:
         self.settings = Settings.from_env()
         self.slots = {kind: ModelSlot(kind) for kind in KINDS}
-        self.batcher = CaptionBatcher(self._caption_batch, self.settings.max_batch)
+        self.metrics = service_metrics()  # here, after BentoML's multiprocess setup
+        self.batcher = CaptionBatcher(
+            self._caption_batch,
+            self.settings.max_batch,
+            lambda n: self.metrics.set_queue_depth("caption", n),
+        )
+        self.waiting = {(kind, stochastic): 0 for kind in KINDS for stochastic in (False, True)}
         self.prep_limiter = anyio.CapacityLimiter(2)
         self.music_limiter = anyio.CapacityLimiter(1)
         self.stochastic_limiter = anyio.CapacityLimiter(1)
@@ -103,6 +115,7 @@ class BBService:
                 log.info("%s model warm (%.0f ms)", slot.kind, slot.warmup_ms)
             except Exception as err:
                 slot.state, slot.error = "failed", first_line(err)
+                self.metrics.load_failed(slot.kind)
                 log.error("%s model failed to load or warm up: %s", slot.kind, slot.error)
             finally:
                 slot.event.set()
@@ -154,6 +167,28 @@ class BBService:
     async def _in_thread(self, limiter: anyio.CapacityLimiter, fn, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
+    async def _queued(self, kind: str, stochastic: bool, limiter: anyio.CapacityLimiter, fn, *args):
+        """``fn(*args)`` in a thread once ``limiter`` has room; while waiting the request counts
+        in the queue-depth gauge of its kind (``stochastic``: the PyTorch path's gauge)."""
+        key = (kind, stochastic)
+        set_depth = (
+            self.metrics.set_stochastic_queue_depth if stochastic else self.metrics.set_queue_depth
+        )
+        self.waiting[key] += 1
+        set_depth(kind, self.waiting[key])
+        try:
+            await limiter.acquire()
+        finally:
+            self.waiting[key] -= 1
+            set_depth(kind, self.waiting[key])
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        finally:
+            limiter.release()
+
+    def _steps_hook(self, kind: str):
+        return lambda steps: self.metrics.observe_decode_steps(kind, steps)
+
     # -- captions ---------------------------------------------------------------------------
 
     def _prepare_image(self, path: Path, size: int) -> tuple[np.ndarray, dict[str, int]]:
@@ -162,7 +197,8 @@ class BBService:
         return preprocess(image, size), {"width": width, "height": height}
 
     def _caption_batch(self, key: tuple, arrays: list[np.ndarray]) -> list:
-        return slots.caption_beams(self.slots["caption"], key, arrays)
+        self.metrics.observe_batch("caption", len(arrays))
+        return slots.caption_beams(self.slots["caption"], key, arrays, self._steps_hook("caption"))
 
     @bentoml.api(route="/caption")
     @answers_errors
@@ -175,6 +211,13 @@ class BBService:
         ] = None,
         n_best: Annotated[int, Field(ge=1, le=MAX_BEAM, description="<= beam_size")] = 1,
         length_penalty: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0,
+        beam_groups: Annotated[
+            int,
+            Field(ge=1, le=MAX_BEAM, description="diverse beam search: groups (divides beam_size)"),
+        ] = 1,
+        diversity: Annotated[
+            float, Field(ge=0.0, le=MAX_DIVERSITY, description="diverse beam search: strength")
+        ] = 0.0,
         mode: Mode = "mean",
         samples: Annotated[
             int, Field(ge=1, le=MAX_SAMPLES, description="stochastic: gate-sampling passes")
@@ -184,15 +227,26 @@ class BBService:
     ) -> CaptionResponse:
         """Caption an image: beam search over the mean-gate graphs (``mode=mean``), or
         ``samples`` passes with sampled gates (``mode=stochastic``: distinct captions with their
-        frequencies, and the disagreement between passes as an uncertainty score)."""
+        frequencies, and the disagreement between passes as an uncertainty score). Diverse beam
+        search: ``beam_groups`` G groups of ``beam_size / G`` beams, each penalised by
+        ``diversity`` for every word the earlier groups chose at the same step."""
         slot = await self._ready("caption")
         if n_best > beam_size:
             raise ConfigError(f"n_best ({n_best}) cannot exceed beam_size ({beam_size})")
+        if beam_size % beam_groups:
+            raise ConfigError(
+                f"beam_groups ({beam_groups}) must divide beam_size ({beam_size}): every group "
+                "gets beam_size / beam_groups beams"
+            )
+        if mode == "stochastic" and (beam_groups > 1 or diversity > 0):
+            raise ConfigError("beam_groups and diversity apply to mode=mean only")
         params = {
             "beam_size": beam_size,
             "max_length": max_length or slot.export.max_length,
             "n_best": n_best,
             "length_penalty": length_penalty,
+            "beam_groups": beam_groups,
+            "diversity": diversity,
             "attention": attention,
             "seed": seed,
         }
@@ -210,13 +264,20 @@ class BBService:
             "image": info,
         }
         if mode == "mean":
-            key = (beam_size, params["max_length"], n_best, length_penalty)
+            key = (beam_size, params["max_length"], n_best, length_penalty, beam_groups, diversity)
             hyps, batch = await self.batcher.submit(key, array)
             headers["X-BBService-Batch-Size"] = str(batch)
             body["captions"] = [answers.caption_item(slot, h, attention) for h in hyps]
         else:
-            result = await self._in_thread(
-                self.stochastic_limiter, slots.caption_passes, slot, array, params
+            result = await self._queued(
+                "caption",
+                True,
+                self.stochastic_limiter,
+                slots.caption_passes,
+                slot,
+                array,
+                params,
+                self._steps_hook("caption"),
             )
             body["captions"] = answers.stochastic_items(slot, result, attention)
             body["uncertainty"] = answers.uncertainty(result)
@@ -248,7 +309,16 @@ class BBService:
             roll_primer = await self._in_thread(self.prep_limiter, self._parse_primer, primer, slot)
         stochastic = params["mode"] == "stochastic"
         limiter = self.stochastic_limiter if stochastic else self.music_limiter
-        rolls = await self._in_thread(limiter, slots.music_rolls, slot, params, roll_primer)
+        rolls = await self._queued(
+            "music",
+            stochastic,
+            limiter,
+            slots.music_rolls,
+            slot,
+            params,
+            roll_primer,
+            self._steps_hook("music"),
+        )
         return slot, rolls, 0 if roll_primer is None else len(roll_primer)
 
     @staticmethod
@@ -320,7 +390,9 @@ class BBService:
     @bentoml.api(route="/models")
     async def models(self) -> dict[str, Any]:
         """What is loaded: names, store tags, content hashes, gate families, training metrics,
-        the ONNX Runtime providers really in use, warm-up state and the request limits."""
+        the device and ONNX Runtime providers really in use per graph, the PyTorch device of
+        mode=stochastic, warm-up state and the request limits. ``GET /models`` answers the
+        same (:class:`.http.GetModels`)."""
         import onnxruntime
 
         out = {kind: answers.slot_report(slot) for kind, slot in self.slots.items()}
@@ -342,4 +414,5 @@ class BBService:
         )
 
 
+BBService.add_asgi_middleware(GetModels)  # first: the guard and BentoML see a POST
 BBService.add_asgi_middleware(RequestGuard)

@@ -17,11 +17,17 @@ class CaptionBatcher:
     No added latency when idle: the first request runs at once (batch of one); while it runs,
     later requests with the same decoding parameters (``key``) queue and then run as one
     batched encoder call and one batched beam search (up to ``max_batch`` images). ``run(key,
-    arrays)`` takes preprocessed images ``(3, S, S)`` and returns one result per image.
+    arrays)`` takes preprocessed images ``(3, S, S)`` and returns one result per image;
+    ``on_queue(n)``, when given, hears the number of requests waiting whenever it changes.
     """
 
-    def __init__(self, run: Callable[[tuple, list[np.ndarray]], list], max_batch: int) -> None:
-        self.run, self.max_batch = run, max_batch
+    def __init__(
+        self,
+        run: Callable[[tuple, list[np.ndarray]], list],
+        max_batch: int,
+        on_queue: Callable[[int], None] | None = None,
+    ) -> None:
+        self.run, self.max_batch, self.on_queue = run, max_batch, on_queue
         self.pending: list[tuple[tuple, np.ndarray, asyncio.Future]] = []
         self.running = False
         self.limiter = anyio.CapacityLimiter(1)
@@ -33,6 +39,7 @@ class CaptionBatcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending.append((key, array, future))
+        self._queue_changed()
         if not self.running:
             self.running = True
             loop.create_task(self._drain())
@@ -44,6 +51,7 @@ class CaptionBatcher:
         batch = [p for p in self.pending if p[0] == key][: self.max_batch]
         taken = {id(p) for p in batch}
         self.pending = [p for p in self.pending if id(p) not in taken]
+        self._queue_changed()
         return key, [p for p in batch if not p[2].done()]  # timed-out requests drop out
 
     async def _drain(self) -> None:
@@ -68,6 +76,10 @@ class CaptionBatcher:
                         p[2].set_result((result, len(batch)))
         finally:
             self.running = False
+
+    def _queue_changed(self) -> None:
+        if self.on_queue is not None:
+            self.on_queue(len(self.pending))
 
     def stats(self) -> dict[str, Any]:
         return {

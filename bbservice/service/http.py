@@ -242,3 +242,21 @@ __all__ = [
     "client_error_body",
     "error_response",
 ]
+
+
+class GetModels:
+    """ASGI middleware: ``GET /models`` answered by the ``/models`` endpoint.
+
+    A BentoML 1.4 API is POST only (``@bentoml.api`` has no method option) and a mounted route
+    would not see the service instance, so a body-less ``GET /models`` goes on as ``POST``.
+    """
+
+    PATHS = ("/models", "/models/")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in self.PATHS:
+            scope = {**scope, "method": "POST"}
+        await self.app(scope, receive, send)

@@ -7,7 +7,9 @@ Environment variables (all optional)::
                                  PyTorch checkpoint folders for mode=stochastic (default: the
                                  export's ``checkpoint/`` folder, else the manifest's source)
     BBSERVICE_STOCHASTIC         auto (default) | off
-    BBSERVICE_DEVICE             auto (default) | cpu | cuda     ONNX Runtime providers
+    BBSERVICE_DEVICE             auto (default) | cpu | cuda     ONNX Runtime providers, the
+                                 declared resources (a GPU with the CUDA provider) and the
+                                 PyTorch device of mode=stochastic (CUDA when torch sees one)
     BBSERVICE_PRECISION          fp32 (default) | fp16 | int8
     BBSERVICE_ORT_THREADS        intra-op threads per session (default: ONNX Runtime's)
     BBSERVICE_MAX_UPLOAD_BYTES   request body limit (default 10 MiB) -> 413
@@ -27,6 +29,7 @@ from bbservice.errors import ConfigError
 
 # -- request limits (out of range: 400 naming the parameter) -----------------------------------
 MAX_BEAM = 10
+MAX_DIVERSITY = 100.0  # diverse beam search strength (log-probability units per repeated word)
 MAX_CAPTION_WORDS = 50
 MAX_SAMPLES = 32
 MAX_FRAMES = 2048
@@ -67,6 +70,13 @@ def export_folder_from_env(kind: str, env: Mapping[str, str] | None = None) -> s
     return env.get(f"BBSERVICE_{kind.upper()}_EXPORT") or None
 
 
+def device_from_env(env: Mapping[str, str] | None = None) -> str:
+    """``BBSERVICE_DEVICE`` (auto | cpu | cuda), read when the service class is declared: it
+    decides the ``resources`` (a GPU or none) of ``@bentoml.service``."""
+    env = os.environ if env is None else env
+    return _env_choice(env, "BBSERVICE_DEVICE", "auto", runtime.DEVICES)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration, read from the environment (see the module docstring)."""
@@ -93,7 +103,7 @@ class Settings:
             music_checkpoint=env.get("BBSERVICE_MUSIC_CHECKPOINT") or None,
             caption_checkpoint=env.get("BBSERVICE_CAPTION_CHECKPOINT") or None,
             stochastic=_env_choice(env, "BBSERVICE_STOCHASTIC", "auto", ("auto", "off")),
-            device=_env_choice(env, "BBSERVICE_DEVICE", "auto", runtime.DEVICES),
+            device=device_from_env(env),
             precision=_env_choice(env, "BBSERVICE_PRECISION", "fp32", runtime.PRECISIONS),
             ort_threads=threads or None,
             max_upload_bytes=_env_int(env, "BBSERVICE_MAX_UPLOAD_BYTES", 10 << 20, 1024),
@@ -114,6 +124,7 @@ class Settings:
             "max_primer_bytes": MAX_PRIMER_BYTES,
             "max_primer_frames": MAX_PRIMER_FRAMES,
             "max_beam_size": MAX_BEAM,
+            "max_diversity": MAX_DIVERSITY,
             "max_caption_words": MAX_CAPTION_WORDS,
             "max_samples": MAX_SAMPLES,
             "max_frames": MAX_FRAMES,

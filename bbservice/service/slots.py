@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ class TorchModel:
     kind: str
     enabled: bool
     candidates: list[Path]
+    device_setting: str = "auto"
     model: Any = None
+    device: str | None = None
     checkpoint: Path | None = None
     reason: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -51,6 +54,7 @@ class TorchModel:
             "available": self.model is not None,
             "loaded": self.model is not None or self.reason is not None,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "device": self.device,
             "reason": self.reason,
         }
 
@@ -84,11 +88,26 @@ class TorchModel:
         if folder is None:
             where = ", ".join(str(c) for c in self.candidates) or "none given"
             raise DataError(f"no PyTorch checkpoint (model.safetensors) found; looked in {where}")
-        model, config = checkpoints.load_model(folder, "cpu")
+        device = torch_device(self.device_setting)
+        model, config = checkpoints.load_model(folder, device)
         _check_same_model(model, config, manifest, folder)
-        self.checkpoint = folder
-        log.info("%s: stochastic mode ready (checkpoint %s)", self.kind, folder)
+        self.checkpoint, self.device = folder, device
+        log.info("%s: stochastic mode ready on %s (checkpoint %s)", self.kind, device, folder)
         return model
+
+
+def torch_device(setting: str) -> str:
+    """Where the PyTorch twin runs: CUDA when torch sees a GPU, unless ``BBSERVICE_DEVICE=cpu``
+    (``cuda`` without a GPU visible to torch falls back to the CPU with a warning)."""
+    import torch
+
+    if setting != "cpu" and torch.cuda.is_available():
+        return "cuda"
+    if setting == "cuda":
+        log.warning(
+            "BBSERVICE_DEVICE=cuda but torch sees no GPU: the PyTorch models run on the CPU"
+        )
+    return "cpu"
 
 
 def _check_same_model(model, config: dict, manifest: dict, folder: Path) -> None:
@@ -159,7 +178,7 @@ class ModelSlot:
         source_ckpt = self.export.manifest.get("source", {}).get("checkpoint")
         if source_ckpt:
             candidates.append(Path(source_ckpt))
-        self.stochastic = TorchModel(self.kind, s.stochastic != "off", candidates)
+        self.stochastic = TorchModel(self.kind, s.stochastic != "off", candidates, s.device)
         if self.kind == "music":
             self.stepper = self.export.music_stepper()
         else:
@@ -169,14 +188,44 @@ class ModelSlot:
 
 # -- running the models -------------------------------------------------------------------------
 
+StepsHook = Callable[[int], None] | None
 
-def caption_beams(slot: ModelSlot, key: tuple, arrays: list[np.ndarray]) -> list[list[Hypothesis]]:
+
+class CountingStepper:
+    """A stepper that counts its ``step`` calls (the decode steps of one model call) and
+    otherwise is the stepper it wraps."""
+
+    def __init__(self, stepper: Any) -> None:
+        self.stepper, self.steps = stepper, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stepper, name)
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        self.steps += 1
+        return self.stepper.step(*args, **kwargs)
+
+
+def _counted(stepper: Any, on_steps: StepsHook) -> Any:
+    return stepper if on_steps is None else CountingStepper(stepper)
+
+
+def _report(stepper: Any, on_steps: StepsHook) -> None:
+    if on_steps is not None:
+        on_steps(stepper.steps)
+
+
+def caption_beams(
+    slot: ModelSlot, key: tuple, arrays: list[np.ndarray], on_steps: StepsHook = None
+) -> list[list[Hypothesis]]:
     """Mean-gate beam search of a batch of images ``(3, S, S)``; ``key`` is (beam_size,
-    max_length, n_best, length_penalty)."""
-    beam_size, max_length, n_best, length_penalty = key
+    max_length, n_best, length_penalty, groups, diversity). ``on_steps(n)`` gets the number of
+    decode steps the batch took."""
+    beam_size, max_length, n_best, length_penalty, groups, diversity = key
     ids = slot.export.special_ids
-    return beam_search(
-        slot.stepper,
+    stepper = _counted(slot.stepper, on_steps)
+    hyps = beam_search(
+        stepper,
         np.stack(arrays),
         start_id=ids["start"],
         end_id=ids["end"],
@@ -184,17 +233,24 @@ def caption_beams(slot: ModelSlot, key: tuple, arrays: list[np.ndarray]) -> list
         max_length=max_length,
         length_penalty=length_penalty,
         n_best=n_best,
+        groups=groups,
+        diversity=diversity,
     )
+    _report(stepper, on_steps)
+    return hyps
 
 
-def caption_passes(slot: ModelSlot, array: np.ndarray, params: dict):
-    """``params["samples"]`` sampled-gate passes over one image (the PyTorch model)."""
+def caption_passes(slot: ModelSlot, array: np.ndarray, params: dict, on_steps: StepsHook = None):
+    """``params["samples"]`` sampled-gate passes over one image (the PyTorch model, on its
+    device); ``on_steps(n)``: the decode steps of the passes (run as one batch)."""
     from bbservice.models.caption import TorchCaptionStepper
 
     model = slot.stochastic.get(slot.export.manifest)
     ids = slot.export.special_ids
-    stepper = TorchCaptionStepper(model, gate_mode="sample", seed=params["seed"])
-    return sample_gate_passes(
+    stepper = _counted(
+        TorchCaptionStepper(model, gate_mode="sample", seed=params["seed"]), on_steps
+    )
+    result = sample_gate_passes(
         stepper,
         array[None],
         passes=params["samples"],
@@ -204,21 +260,29 @@ def caption_passes(slot: ModelSlot, array: np.ndarray, params: dict):
         max_length=params["max_length"],
         length_penalty=params["length_penalty"],
     )[0]
+    _report(stepper, on_steps)
+    return result
 
 
-def music_rolls(slot: ModelSlot, params: dict, primer: np.ndarray | None) -> np.ndarray:
-    """``(num_outputs, T, 88)`` rolls: ONNX Runtime (mean) or PyTorch (stochastic) gates."""
+def music_rolls(
+    slot: ModelSlot, params: dict, primer: np.ndarray | None, on_steps: StepsHook = None
+) -> np.ndarray:
+    """``(num_outputs, T, 88)`` rolls: ONNX Runtime (mean) or PyTorch (stochastic) gates, the
+    PyTorch model on its device; ``on_steps(n)``: the model steps (primer frames included)."""
     if params["mode"] == "stochastic":
         from bbservice.models.music import TorchMusicStepper
 
         model = slot.stochastic.get(slot.export.manifest)
-        stepper = TorchMusicStepper(model, "sample", params["seed"], "cpu")
+        stepper = TorchMusicStepper(model, "sample", params["seed"])
     else:
         stepper = slot.stepper
+    stepper = _counted(stepper, on_steps)
     gen = GenerationParams(
         params["frames"], params["temperature"], params["seed"], params["num_outputs"]
     )
-    return generate_rolls(stepper, gen, primer)
+    rolls = generate_rolls(stepper, gen, primer)
+    _report(stepper, on_steps)
+    return rolls
 
 
 # -- warm-up -----------------------------------------------------------------------------------
@@ -240,6 +304,6 @@ def warm_caption(slot: ModelSlot) -> None:
         axis=-1,
     ).astype(np.uint8)
     array = preprocess(Image.fromarray(picture), size)
-    beams = caption_beams(slot, (2, 3, 1, 0.0), [array, array])
+    beams = caption_beams(slot, (2, 3, 1, 0.0, 1, 0.0), [array, array])
     if len(beams) != 2:
         raise DataError("caption warm-up gave no captions")
