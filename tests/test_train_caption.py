@@ -137,7 +137,8 @@ def test_torchrun_ddp_with_two_cpu_processes(scenes, tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "bbservice.cli", "train", "caption", "--data", str(scenes), "--out", str(run),
-        "--epochs", "1", "--gate", "lstm", "--device", "cpu", *MODEL_ARGS,
+        "--epochs", "2", "--gate", "lstm", "--device", "cpu", *MODEL_ARGS,
+        "--scst-after", "1", "--scst-samples", "2",  # epoch 2: SCST, gradients averaged by hand
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # A session of its own: on a timeout the launcher *and* its workers are killed.
@@ -158,7 +159,9 @@ def test_torchrun_ddp_with_two_cpu_processes(scenes, tmp_path):
         pytest.fail("torchrun did not finish within 240 s")
     assert proc.returncode == 0, stderr[-3000:]
     assert "2 process(es)" in stderr
-    assert [r["epoch"] for r in records(run)] == [1]
+    recs = records(run)  # validation split across both processes, scored on rank 0
+    assert [(r["epoch"], r["phase"]) for r in recs] == [(1, "ce"), (2, "scst")]
+    assert recs[1]["train_reward"] >= 0.0 and "val_CIDEr-D" in recs[1]
     assert (run / "best" / "model.safetensors").is_file()
     assert (run / "last" / "trainer.pt").is_file()
 

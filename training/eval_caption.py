@@ -67,6 +67,40 @@ def decode_dataset(
     Returns ``(captions, ce)``: index → caption text, and the teacher-forced cross-entropy per
     token of each image's first reference (a deterministic validation loss).
     """
+    captions, ce_sum, tokens = decode_dataset_sums(
+        model,
+        vocab,
+        dataset,
+        beam=beam,
+        length_penalty=length_penalty,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        beam_groups=beam_groups,
+        diversity=diversity,
+    )
+    return captions, ce_sum / max(tokens, 1)
+
+
+def decode_dataset_sums(
+    model: CaptionModel,
+    vocab: Vocabulary,
+    dataset: CaptionEvalDataset,
+    *,
+    beam: int = 1,
+    length_penalty: float = 0.0,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    beam_groups: int = 1,
+    diversity: float = 0.0,
+) -> tuple[dict[int, str], float, int]:
+    """:func:`decode_dataset` with the cross-entropy as ``(sum over tokens, tokens)``, so that
+    shares decoded by several processes add up exactly.
+
+    ``dataset.images[i]`` may be an image (3, S, S) or, from a
+    :class:`training.feature_cache.FeatureCache`, the encoder features (P, C) themselves.
+    """
     model.eval()
     device = torch.device(device)
     stepper = TorchCaptionStepper(model, "mean", device=device)
@@ -82,7 +116,9 @@ def decode_dataset(
         unit="batch",
     ):
         with torch.inference_mode():
-            features = model.encoder(images.to(device))  # (B, P, C)
+            images = images.to(device)
+            # (B, 3, S, S) images, or (B, P, C) cached features
+            features = model.encoder(images) if images.dim() == 4 else images
             caps, lengths = _encode_references(refs, vocab, max_length)
             caps, lengths = caps.to(device), lengths.to(device)
             outputs = model.decoder(features, caps, lengths, gate_mode="mean")
@@ -108,7 +144,7 @@ def decode_dataset(
             )
         for i, hyp in zip(index.tolist(), hyps, strict=True):
             captions[i] = " ".join(vocab.decode(hyp.tokens))
-    return captions, ce_sum / max(tokens, 1)
+    return captions, ce_sum, tokens
 
 
 def evaluate(

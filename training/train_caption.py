@@ -7,7 +7,26 @@ gradient clipping after ``backward()``, learning-rate decay when validation CIDE
 improving, the best checkpoint by validation CIDEr-D (greedy or ``--val-beam`` decoding) and a
 resumable last checkpoint after every epoch. Under ``torchrun`` each process trains on its
 share of every epoch (DistributedSampler + DistributedDataParallel, gloo on the CPU, NCCL on
-CUDA); the main process validates and writes. CUDA uses mixed precision unless ``--no-amp``.
+CUDA); validation is split across the processes too (each decodes its share of the split, the
+main process gathers the captions, scores them and writes), so no process idles at a barrier
+for a whole validation. CUDA uses mixed precision unless ``--no-amp``.
+
+Encoder weights: ``--encoder-weights FILE`` (a local state dict) or ``imagenet`` (torchvision's
+pretrained weights, through torchvision's download cache).
+
+Feature cache (``--feature-cache DIR``, frozen encoder only): the images are decoded once into
+a memory-mapped uint8 store under DIR (:class:`training.image_store.ImageStore`, each process
+its share), the frozen encoder's features of every train and validation image are computed
+once into a memory-mapped fp16 array there (:class:`training.feature_cache.FeatureCache`), and
+every epoch trains the decoder on those features. Later runs with the same encoder weights,
+image size and images reuse both.
+
+Self-critical sequence training (``--scst-after N``): epochs 1..N train with cross-entropy,
+later epochs with SCST (:func:`training.scst.scst_step`): CIDEr-D reward with the training
+set's document frequencies, the greedy (``--scst-baseline greedy``) or the mean-of-the-other-
+samples baseline (``mean``), ``--scst-samples K`` captions per image, optionally sampled gates
+(``--scst-sample-gates``) and learning rate (``--scst-lr``). Their metrics lines carry the reward
+statistics (``train_reward``, ``train_baseline``, ...); validation stays CIDEr-D.
 
 Run folder (``--out``)::
 
@@ -26,10 +45,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from bbservice import checkpoints
 from bbservice.errors import ConfigError, DataError
+from bbservice.gates import BETA_FAMILIES
 from bbservice.models.caption import ENCODER_ARCHS, CaptionConfig, CaptionModel
 from bbservice.prune_report import caption_prune_report
 from bbservice.vocab import VOCAB_FILE, Vocabulary
@@ -41,9 +61,15 @@ from training.caption_data import (
     get_split,
     load_karpathy,
 )
-from training.eval_caption import evaluate
+from training.caption_metrics import score_captions
+from training.cider_reward import CiderD
+from training.eval_caption import decode_dataset_sums
+from training.feature_cache import FeatureCache
+from training.image_store import ImageStore
 from training.loop import TrainingLoop, Validation, launch
 from training.options import TrainConfig
+from training.scst import BASELINES, SCSTBatch, SCSTConfig, average_gradients, scst_step
+from training.sharded_array import Ranks, shard
 from training.sparse_training import SparseKLSchedule, publish_report
 
 log = logging.getLogger(__name__)
@@ -69,6 +95,12 @@ class CaptionTrainConfig(TrainConfig):
     cache_images: bool = True
     num_workers: int = 0
     progress: bool = True
+    feature_cache: str | None = None
+    scst_after: int = 0
+    scst_baseline: str = "greedy"
+    scst_samples: int = 5
+    scst_sample_gates: bool = False
+    scst_lr: float = 0.0
     model: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self) -> None:
@@ -83,6 +115,35 @@ class CaptionTrainConfig(TrainConfig):
             raise ConfigError("--ss-max must be in [0, 1], --ss-ramp and --ss-start >= 1")
         if self.max_train_images < 0 or self.max_val_images < 0:
             raise ConfigError("--max-train-images and --max-val-images must be >= 0")
+        if self.feature_cache and self.model.fine_tune:
+            raise ConfigError(
+                "--feature-cache needs a frozen encoder: the features of a fine-tuned encoder "
+                "change every step (drop --fine-tune or --feature-cache)"
+            )
+        if self.scst_after < 0 or self.scst_lr < 0:
+            raise ConfigError("--scst-after and --scst-lr must be >= 0")
+        if self.scst_after and self.scst_after >= self.epochs:
+            raise ConfigError(
+                f"--scst-after {self.scst_after} leaves no SCST epoch of --epochs {self.epochs}"
+            )
+        self.scst_config()  # checks baseline and samples
+        if self.scst_sample_gates and self.model.gate.family not in ("g2", *BETA_FAMILIES):
+            raise ConfigError(
+                f"--scst-sample-gates needs a stochastic gate family, not "
+                f"{self.model.gate.family!r}"
+            )
+
+    def scst_config(self) -> SCSTConfig:
+        """The SCST phase's sampling and baseline."""
+        return SCSTConfig(
+            baseline=self.scst_baseline,
+            samples=self.scst_samples,
+            sample_gates=self.scst_sample_gates,
+        )
+
+    def is_scst_epoch(self, epoch: int) -> bool:
+        """Whether ``epoch`` trains with SCST (after ``scst_after`` cross-entropy epochs)."""
+        return bool(self.scst_after) and epoch > self.scst_after
 
     def sampling_probability(self, epoch: int) -> float:
         """Scheduled-sampling probability of an epoch (linear ramp, then constant)."""
@@ -110,6 +171,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-cache", action="store_true", help="decode images every epoch (default: keep in RAM)"
     )
     data.add_argument("--num-workers", type=int, default=d.num_workers)
+    data.add_argument(
+        "--feature-cache",
+        default=None,
+        metavar="DIR",
+        help="frozen encoder: decode the images once into DIR and train on the encoder "
+        "features cached there (fp16, memory-mapped, reused by later runs)",
+    )
 
     model = parser.add_argument_group("model")
     options.add_gate_arguments(model, kl_help="λ of the Gamma prior (Beta gate families)")
@@ -121,7 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--encoder-weights",
         default=None,
-        help="local ResNet weights file (.safetensors or .pth state dict; never downloaded)",
+        help="'imagenet' (torchvision's pretrained weights, downloaded once into torchvision's "
+        "cache) or a local ResNet weights file (.safetensors or .pth state dict)",
     )
     model.add_argument(
         "--encoder-stages", type=int, default=m.encoder_stages, help="ResNet stages kept (1-4)"
@@ -146,6 +215,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--ss-ramp", type=int, default=d.ss_ramp, help="epochs to reach --ss-max")
     opt.add_argument("--val-beam", type=int, default=d.val_beam, help="1: greedy validation")
     opt.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+
+    scst = parser.add_argument_group("self-critical sequence training")
+    scst.add_argument(
+        "--scst-after",
+        type=int,
+        default=d.scst_after,
+        metavar="N",
+        help="after N cross-entropy epochs train with SCST (0: never)",
+    )
+    scst.add_argument("--scst-baseline", default=d.scst_baseline, choices=BASELINES)
+    scst.add_argument(
+        "--scst-samples", type=int, default=d.scst_samples, help="captions sampled per image"
+    )
+    scst.add_argument(
+        "--scst-sample-gates",
+        action="store_true",
+        help="sample the gates as well as the words (stochastic gate families)",
+    )
+    scst.add_argument(
+        "--scst-lr",
+        type=float,
+        default=d.scst_lr,
+        help="learning rate of every group from the first SCST epoch (0: keep the current one)",
+    )
 
     run_ = parser.add_argument_group("run")
     options.add_run_arguments(run_, d)
@@ -264,23 +357,42 @@ class CaptionTraining(TrainingLoop):
 
     def prepare(self) -> None:
         cfg, model_cfg, dist = self.cfg, self.model_cfg, self.dist
+        cached = bool(cfg.feature_cache)
         self.train_ds = CaptionTrainDataset(
             self.train_items,
             self.vocab,
             max_len=model_cfg.max_length,
             image_size=model_cfg.image_size,
-            cache=cfg.cache_images,
+            cache=cfg.cache_images and not cached,
         )
-        self.val_ds = None
-        if dist.is_main:
-            self.val_ds = CaptionEvalDataset(
-                self.val_items, model_cfg.image_size, cache=cfg.cache_images, name=cfg.val_split
+        if len(self.val_items) < dist.world_size:
+            raise ConfigError(
+                f"{len(self.val_items)} validation images for {dist.world_size} processes: "
+                "every process validates a share"
             )
+        # This process's share of the validation split (all of it in a single process).
+        self.val_rows = shard(len(self.val_items), dist.rank, dist.world_size)
+        self.val_ds = CaptionEvalDataset(
+            self.val_items[self.val_rows.start : self.val_rows.stop],
+            model_cfg.image_size,
+            cache=cfg.cache_images and not cached,
+            name=cfg.val_split,
+        )
+        if cached:
+            train_features = self._feature_cache(self.train_items)
+            val_features = self._feature_cache(self.val_items)
+            self.train_ds.images = train_features  # (P, C) features instead of images
+            self.val_ds.images = Subset(val_features, list(self.val_rows))
+        self.scorer = None
+        if cfg.scst_after:
+            self.scorer = CiderD([" ".join(c) for c in it.captions] for it in self.train_items)
+            self.train_refs = [[" ".join(c) for c in it.captions] for it in self.train_items]
         self.sparse = None
         if model_cfg.sparse:
             targets = self.train_ds.targets_per_epoch()
             self.sparse = SparseKLSchedule(cfg.sparse_kl_weight, cfg.sparse_kl_warmup, targets)
-        self.ddp_model = dist.wrap(self.model)
+        # With cached features only the decoder runs (and is synchronised) in training.
+        self.ddp_model = dist.wrap(self.model.decoder if cached else self.model)
         self.counts = self.model.parameter_counts()
         if dist.is_main:
             log.info(
@@ -295,6 +407,41 @@ class CaptionTraining(TrainingLoop):
                 self.device,
                 dist.world_size,
             )
+
+    def _feature_cache(self, items) -> FeatureCache:
+        """The frozen encoder's features of ``items``' images (decoded into the image store
+        and encoded once, each process its share; later runs open both again)."""
+        cfg, model_cfg = self.cfg, self.model_cfg
+        paths = [it.image_path for it in items]
+        ranks = Ranks(self.dist.rank, self.dist.world_size)
+        store = ImageStore.build(
+            paths,
+            model_cfg.image_size,
+            cfg.feature_cache,
+            num_workers=cfg.num_workers,
+            batch_size=cfg.eval_batch_size,
+            progress=cfg.progress,
+            ranks=ranks,
+        )
+        features = FeatureCache.build(
+            model_cfg,
+            self.model.encoder,
+            store,
+            paths,
+            cfg.feature_cache,
+            batch_size=cfg.eval_batch_size,
+            progress=cfg.progress,
+            ranks=ranks,
+        )
+        if self.dist.is_main:
+            log.info(
+                "feature cache %s: %d images, %s (%s)",
+                cfg.feature_cache,
+                len(features),
+                tuple(features.array.shape),
+                "built" if features.built else "reused",
+            )
+        return features
 
     def _loader(self, epoch: int) -> DataLoader:
         cfg, dist = self.cfg, self.dist
@@ -313,6 +460,8 @@ class CaptionTraining(TrainingLoop):
         )
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        if self.cfg.is_scst_epoch(epoch):
+            return self.scst_epoch(epoch)
         cfg, dist, model, device = self.cfg, self.dist, self.model, self.device
         started = time.perf_counter()  # the loop seeded this epoch's streams
         loader = self._loader(epoch)
@@ -337,6 +486,7 @@ class CaptionTraining(TrainingLoop):
             bar.set_postfix(ce=f"{sums['ce'] / sums['tokens']:.3f}")
         ce, att, kl, n_tokens = dist.sum(sums["ce"], sums["attention"], sums["kl"], sums["tokens"])
         return {
+            "phase": "ce",
             "train_ce": ce / max(n_tokens, 1),
             "train_attention_reg": att / max(n_tokens, 1),
             "train_kl_per_token": kl / max(n_tokens, 1),
@@ -344,32 +494,93 @@ class CaptionTraining(TrainingLoop):
             "epoch_seconds": time.perf_counter() - started,
         }
 
-    def validate(self, epoch: int, train: dict[str, float]) -> Validation:
-        """CIDEr-D of the validation split on the main process (the score goes to all)."""
-        cfg, score, record = self.cfg, 0.0, {}
+    def scst_epoch(self, epoch: int) -> dict[str, float]:
+        """One self-critical epoch (:func:`training.scst.scst_step` on every batch); the
+        reward statistics, averaged over the batches of all processes."""
+        cfg, dist, model, device = self.cfg, self.dist, self.model, self.device
         started = time.perf_counter()
+        # (the loop seeded this epoch's streams)
+        if epoch == cfg.scst_after + 1 and cfg.scst_lr:
+            for group in self.optimizer.param_groups:  # resumed later: the saved state has it
+                group["lr"] = cfg.scst_lr
+        scst_cfg = cfg.scst_config()
+        loader = self._loader(epoch)
+        model.train()
+        keys = ("reward", "baseline", "greedy_reward", "advantage_std", "sample_words")
+        sums = dict.fromkeys(keys, 0.0)
+        batches = 0
+        bar = self.progress_bar(loader, f"SCST epoch {epoch}/{cfg.epochs}", enabled=cfg.progress)
+        for inputs, _, _, index in bar:
+            refs = [self.train_refs[i] for i in index.tolist()]
+            batch = SCSTBatch(inputs.to(device), refs)
+            with common.autocast(device, cfg.amp):
+                result = scst_step(model, batch, self.scorer, self.vocab.itos, scst_cfg)
+            # Not the loop's shared step(): the gradients of the plain model (not the DDP
+            # wrapper) are averaged by hand between backward and unscale.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(result.loss).backward()
+            average_gradients(model)
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            for key in keys:
+                sums[key] += result.stats.get(key, 0.0)
+            batches += 1
+            bar.set_postfix(reward=f"{sums['reward'] / batches:.3f}")
+        totals = dist.sum(*(sums[k] for k in keys), float(batches))
+        n = max(totals[-1], 1.0)
+        stats = {f"train_{k}": v / n for k, v in zip(keys, totals, strict=False)}
+        if scst_cfg.baseline != "greedy":
+            stats.pop("train_greedy_reward")
+        return {
+            "phase": "scst",
+            **stats,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+
+    def _decode_validation(self) -> tuple[dict[int, str], float, int]:
+        """Captions of the whole validation split (main process; ``{}`` elsewhere) and the
+        teacher-forced cross-entropy sum and tokens; every process decodes its share."""
+        cfg = self.cfg
+        captions, ce_sum, tokens = decode_dataset_sums(
+            self.model,
+            self.vocab,
+            self.val_ds,
+            beam=cfg.val_beam,
+            batch_size=cfg.eval_batch_size,
+            device=self.device,
+            progress=cfg.progress and self.dist.is_main,
+        )
+        offset = self.val_rows.start
+        captions = {offset + i: text for i, text in captions.items()}
+        if not self.dist.enabled:
+            return captions, ce_sum, tokens
+        import torch.distributed as tdist
+
+        shares: list = [None] * self.dist.world_size
+        tdist.all_gather_object(shares, (captions, ce_sum, tokens))
+        merged: dict[int, str] = {}
+        for share_captions, _, _ in shares:
+            merged.update(share_captions)
+        return merged, sum(s[1] for s in shares), sum(s[2] for s in shares)
+
+    def validate(self, epoch: int, train: dict[str, float]) -> Validation:
+        """CIDEr-D of the validation split: every process decodes its share, the main process
+        scores the whole (the score goes to all)."""
+        score, record = 0.0, {}
+        started = time.perf_counter()
+        captions, ce_sum, tokens = self._decode_validation()
         if self.dist.is_main:
-            result = evaluate(
-                self.model,
-                self.vocab,
-                self.val_items,
-                beam=cfg.val_beam,
-                batch_size=cfg.eval_batch_size,
-                device=self.device,
-                dataset=self.val_ds,
-                progress=cfg.progress,
-            )
-            val = result["metrics"]
+            refs = {i: [" ".join(c) for c in it.captions] for i, it in enumerate(self.val_items)}
+            val = score_captions(refs, captions, meteor=False)
             score = val["CIDEr-D"]
             record = {
                 "epoch": epoch,
-                "train_ce": train["train_ce"],
-                "train_attention_reg": train["train_attention_reg"],
-                "train_kl_per_token": train["train_kl_per_token"],
-                "val_ce": result["ce"],
+                **{k: v for k, v in train.items() if k != "epoch_seconds"},
+                "val_ce": ce_sum / max(tokens, 1),
                 **{f"val_{k}": v for k, v in val.items()},
                 "lr": self.optimizer.param_groups[0]["lr"],
-                "ss_prob": train["ss_prob"],
                 "epoch_seconds": train["epoch_seconds"],
                 "eval_seconds": time.perf_counter() - started,
             }
@@ -412,15 +623,19 @@ class CaptionTraining(TrainingLoop):
         common.plot_curves(
             common.read_jsonl(self.metrics_path),
             self.out / "curves.png",
-            ["train_ce", "val_ce", "val_BLEU-4", "val_CIDEr-D"],
+            ["train_ce", "val_ce", "val_BLEU-4", "val_CIDEr-D", "train_reward"],
             f"captions: {model_cfg.gate.family} gates, hidden {model_cfg.hidden_size}",
         )
 
     def log_epoch(self, epoch: int, record: dict, improved: bool) -> None:
+        if record.get("phase") == "scst":
+            train = f"SCST reward {record['train_reward']:.3f}"
+        else:
+            train = f"train ce {record['train_ce']:.3f}"
         log.info(
-            "epoch %d  train ce %.3f  val ce %.3f  BLEU-4 %.3f  CIDEr-D %.3f%s  (%.0f s + %.0f s)",
+            "epoch %d  %s  val ce %.3f  BLEU-4 %.3f  CIDEr-D %.3f%s  (%.0f s + %.0f s)",
             epoch,
-            record["train_ce"],
+            train,
             record["val_ce"],
             record["val_BLEU-4"],
             record["val_CIDEr-D"],
