@@ -119,7 +119,7 @@ def test_a_model_missing_from_the_store_leaves_the_other_serving(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     music_tag = proc.stdout.strip().splitlines()[-1]
     env["BBSERVICE_MUSIC_TAG"] = music_tag  # pinned
-    with start_server(tmp_path, [], env) as (client, _):
+    with start_server(tmp_path, [], env) as (client, _, _):
         models = client.post("/models").json()
         assert models["ready"] is True and models["alive"] is True
         assert models["models"]["music"]["tag"] == music_tag
