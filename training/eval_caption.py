@@ -12,6 +12,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -49,36 +50,16 @@ def _encode_references(
 
 
 def decode_dataset(
-    model: CaptionModel,
-    vocab: Vocabulary,
-    dataset: CaptionEvalDataset,
-    *,
-    beam: int = 1,
-    length_penalty: float = 0.0,
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-    beam_groups: int = 1,
-    diversity: float = 0.0,
+    model: CaptionModel, vocab: Vocabulary, dataset: CaptionEvalDataset, **options: Any
 ) -> tuple[dict[int, str], float]:
-    """Caption every image of ``dataset`` with mean gates (``beam_groups``/``diversity``:
-    diverse beam search; the best hypothesis over all groups is scored).
+    """Caption every image of ``dataset`` with mean gates; ``options`` are those of
+    :func:`decode_dataset_sums` (beam, length penalty, batch size, device, progress, and
+    ``beam_groups``/``diversity`` for diverse beam search, scoring the best of all groups).
 
     Returns ``(captions, ce)``: index → caption text, and the teacher-forced cross-entropy per
     token of each image's first reference (a deterministic validation loss).
     """
-    captions, ce_sum, tokens = decode_dataset_sums(
-        model,
-        vocab,
-        dataset,
-        beam=beam,
-        length_penalty=length_penalty,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-        beam_groups=beam_groups,
-        diversity=diversity,
-    )
+    captions, ce_sum, tokens = decode_dataset_sums(model, vocab, dataset, **options)
     return captions, ce_sum / max(tokens, 1)
 
 
