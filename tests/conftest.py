@@ -147,3 +147,15 @@ def same_weights(a: Path, b: Path) -> list[str]:
 def without_times(records: list[dict]) -> list[dict]:
     """Metrics records without their wall-clock fields."""
     return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and does not thrash on a busy 2-core box.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,13 +34,7 @@ from bbservice.vocab import END_ID, START_ID
 V = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and does not thrash on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(gate: str | GateConfig = "bbeta5", **kw) -> CaptionConfig:
