@@ -171,13 +171,18 @@ def test_caption_replay_round_trip(tmp_path):
 def test_checked_in_configs_parse_and_share_one_protocol():
     rows = sorted((REPO / "configs" / "music").glob("*_*.toml"))
     assert len(rows) == 13
+    protocol_of = {}
     for row in rows:
         keys = tomllib.loads(row.read_text())
         assert set(keys) == {"extends", "data", "gate"}, row.name  # the protocol is shared
         dataset, family = row.stem.rsplit("_", 1)
+        # one protocol for every family of a data set: JSB's, or the large sets'
+        assert protocol_of.setdefault(dataset, keys["extends"]) == keys["extends"], row.name
         cfg = music_config(["--config", str(row)])
         assert cfg.model.gate.family == family and cfg.data == dataset
         assert cfg.early_stop > 0 and cfg.epochs >= 50
+        assert cfg.length_buckets == (dataset != "jsb")
+    assert protocol_of["jsb"] == "protocol.toml"
     for family in ("lstm", "bbeta5"):
         args = run_config.parse_args(
             caption_parser(),

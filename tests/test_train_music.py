@@ -77,9 +77,12 @@ def read_records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_continues_after_the_last_finished_epoch(tiny_music, tmp_path, one_thread):
+@pytest.mark.parametrize("length_buckets", [False, True])
+def test_resume_continues_after_the_last_finished_epoch(
+    tiny_music, tmp_path, one_thread, length_buckets
+):
     out = tmp_path / "run"
-    cfg = small_config(tiny_music, out, early_stop=3)
+    cfg = small_config(tiny_music, out, early_stop=3, length_buckets=length_buckets)
     cfg.model.dropout, cfg.epochs = 0.2, 2
     train(cfg)
     cfg.epochs = 4
@@ -87,7 +90,7 @@ def test_resume_continues_after_the_last_finished_epoch(tiny_music, tmp_path, on
     records = read_records(out)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     straight = tmp_path / "straight"
-    cfg2 = small_config(tiny_music, straight, early_stop=3)
+    cfg2 = small_config(tiny_music, straight, early_stop=3, length_buckets=length_buckets)
     cfg2.model.dropout, cfg2.epochs = 0.2, 4
     train(cfg2)
     assert without_times(read_records(straight)) == without_times(records)  # the resumed epochs too

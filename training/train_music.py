@@ -23,7 +23,13 @@ from bbservice.models.music import MusicConfig, PianoRollModel, count_parameters
 from bbservice.prune_report import prune_report
 from training import common, options, run_config, sparse_training
 from training.loop import TrainingLoop, Validation, launch
-from training.music_batches import collate, evaluate_nll, train_batches, usable
+from training.music_batches import (
+    collate,
+    evaluate_nll,
+    length_bucketed_batches,
+    train_batches,
+    usable,
+)
 from training.music_data import augment_transpositions, load_music
 from training.options import TrainConfig
 from training.sparse_training import SparseKLSchedule, publish_report
@@ -44,6 +50,7 @@ class MusicTrainConfig(TrainConfig):
     min_lr: float = 1e-5
     seed: int = 1000
     transpose: int = 0
+    length_buckets: bool = False
     max_train_sequences: int = 0
     init_output_bias: bool = True
     model: MusicConfig = field(default_factory=MusicConfig)
@@ -85,6 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="augment train with transpositions in [-K, K] semitones",
+    )
+    parser.add_argument(
+        "--length-buckets",
+        action="store_true",
+        help="train on batches of sequences of similar lengths (less padding; the large sets)",
     )
     parser.add_argument("--max-train-sequences", type=int, default=0, help="0: all")
     options.add_run_arguments(parser, d)
@@ -198,7 +210,11 @@ class MusicTraining(TrainingLoop):
         cfg, dist, model = self.cfg, self.dist, self.model
         started = time.perf_counter()
         model.train()
-        batches = train_batches(len(self.train_seqs), cfg.batch_size, self.rng)
+        if cfg.length_buckets:
+            lengths = [len(s) for s in self.train_seqs]
+            batches = length_bucketed_batches(lengths, cfg.batch_size, self.rng)
+        else:
+            batches = train_batches(len(self.train_seqs), cfg.batch_size, self.rng)
         per_rank = len(batches) // dist.world_size
         mine = batches[dist.rank * per_rank : (dist.rank + 1) * per_rank]
         kl_weight = cfg.model.gate.kl_weight
