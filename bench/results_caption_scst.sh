@@ -9,6 +9,10 @@
 #        from scratch, at most 40 epochs) against scenes_{lstm,bbeta5}_scst.toml (30 CE + 10 SCST)
 # quick: configs/caption/quick_{lstm,bbeta5}.toml (frozen random ResNet-18, features from the
 #        feature cache, 10 epochs) against quick_{lstm,bbeta5}_scst.toml (7 CE + 3 SCST)
+# frozen: configs/caption/frozen_{lstm,bbeta5}.toml (a trained ResNet-18 kept frozen, features
+#        from the feature cache, 12 epochs) against frozen_{lstm,bbeta5}_scst.toml (8 CE + 4
+#        SCST); the encoder comes from one run of configs/caption/scenes_encoder.toml (seed 0),
+#        trained first when $RUNS/scenes_encoder is not finished
 #
 # Resumable: a finished run (marked .done) is skipped, an unfinished one continues from its
 # last/ (--resume), an evaluation with its JSON is skipped. Run folders live under $RUNS (default
@@ -32,7 +36,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} BENTOML_DO_NOT_TRACK=True
 case $TIER in
   full) PREFIX=scenes ;;
   quick) PREFIX=quick ;;
-  *) echo "usage: $0 [full|quick] [SEED ...]" >&2; exit 2 ;;
+  frozen) PREFIX=frozen ;;
+  *) echo "usage: $0 [full|quick|frozen] [SEED ...]" >&2; exit 2 ;;
 esac
 OUT=$RUNS/$TIER
 mkdir -p "$OUT/eval"
@@ -44,12 +49,24 @@ fi
 
 done_run() { [ -f "$OUT/$1_s$2/.done" ]; }
 
-train() {  # train VARIANT SEED [OPTION ...]: --resume from last/ if there is one
+EXTRA=()  # options every run of the tier adds
+if [ "$TIER" = frozen ]; then
+  ENCODER=$RUNS/scenes_encoder
+  if [ ! -f "$ENCODER/.done" ]; then
+    mkdir -p "$ENCODER"
+    "$BB" train caption --config "$REPO/configs/caption/scenes_encoder.toml" --out "$ENCODER" \
+      --resume-if-present >>"$ENCODER/train.log" 2>&1
+    touch "$ENCODER/.done"
+  fi
+  EXTRA=(--encoder-weights "$ENCODER" --feature-cache "$RUNS/cache")
+fi
+
+train() {  # train VARIANT SEED [OPTION ...]: continues from last/ if there is one
   local variant=$1 seed=$2 run=$OUT/$1_s$2
   shift 2
   mkdir -p "$run"
   "$BB" train caption --config "$REPO/configs/caption/${PREFIX}_$variant.toml" --seed "$seed" \
-    --out "$run" --resume "$@" >>"$run/train.log" 2>&1
+    --out "$run" --resume-if-present "${EXTRA[@]}" "$@" >>"$run/train.log" 2>&1
 }
 
 pair() {  # pair GATE SEED: the cross-entropy run and its SCST variant

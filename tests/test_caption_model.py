@@ -230,6 +230,37 @@ def test_local_weights_file_loads_and_bad_files_fail(tmp_path):
         ResNetEncoder("resnet18", weights=other)
 
 
+def test_a_caption_checkpoint_lends_its_trained_encoder(tmp_path):
+    torch.manual_seed(7)
+    donor = CaptionModel.build(tiny(fine_tune=True))
+    with torch.no_grad():
+        for p in donor.encoder.parameters():
+            p.add_(torch.randn_like(p))  # "trained": far from any fresh initialisation
+    folder = tmp_path / "donor" / "best"
+    folder.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in donor.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
+    expected = donor.encoder.state_dict()
+    for weights in (tmp_path / "donor", folder, folder / "model.safetensors"):
+        model = CaptionModel.build(tiny("lstm", encoder_weights=str(weights)))  # frozen
+        got = model.encoder.state_dict()
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], msg=key)
+        assert not any(p.requires_grad for p in model.encoder.parameters())
+    # more stages than the donor kept, or another architecture: a one-line DataError
+    with pytest.raises(DataError, match=r"missing \(e\.g\. layer3"):
+        CaptionModel.build(tiny(encoder_weights=str(folder), encoder_stages=3))
+    with pytest.raises(DataError, match="does not match a torchvision resnet34"):
+        CaptionModel.build(tiny(encoder="resnet34", encoder_weights=str(folder)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="not found"):
+        CaptionModel.build(tiny(encoder_weights=str(empty)))
+
+
 def test_pretrained_weight_names_resolve_to_torchvision_enums():
     from torchvision.models import ResNet18_Weights, ResNet50_Weights
 

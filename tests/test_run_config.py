@@ -190,3 +190,14 @@ def test_checked_in_configs_parse_and_share_one_protocol():
         )
         cfg = train_caption.config_from_args(args)
         assert cfg.model.gate.family == family and cfg.early_stop > 0 and not cfg.progress
+    for row in sorted((REPO / "configs" / "caption").glob("*_*.toml")):  # every caption row
+        args = run_config.parse_args(caption_parser(), ["--config", str(row)])
+        cfg = train_caption.config_from_args(args)
+        tier, family = row.stem.split("_")[:2]
+        if tier == "scenes" and family == "encoder":  # the frozen rows' encoder
+            assert cfg.model.fine_tune and cfg.model.gate.family == "lstm" and cfg.seed == 0
+            continue
+        assert cfg.model.gate.family == family, row.name
+        assert cfg.model.fine_tune == (tier == "scenes"), row.name
+        assert (cfg.model.encoder_weights is not None) == (tier == "frozen"), row.name
+        assert bool(cfg.scst_after) == row.stem.endswith("_scst"), row.name

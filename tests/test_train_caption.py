@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import kill_training_at, same_weights, without_times
 
 from bbservice import checkpoints
@@ -87,6 +88,20 @@ def test_training_writes_best_last_logs_and_curves(trained):
     vocab = Vocabulary.from_json(trained / "best" / "vocab.json")
     model = checkpoints.load_caption_model(trained)[0]
     assert model.config.vocab_size == len(vocab) and model.config.gate.family == "bbeta5"
+
+
+def test_a_frozen_decoder_run_on_a_trained_runs_encoder(trained, scenes, tmp_path):
+    """--encoder-weights RUN: the fine-tuned run's encoder, frozen, through the feature cache."""
+    donor = checkpoints.load_caption_model(trained)[0].encoder.state_dict()
+    model_cfg = replace(small_config(scenes, tmp_path).model, fine_tune=False)
+    model_cfg.encoder_weights = str(trained)
+    run = tmp_path / "frozen"
+    cfg = small_config(scenes, run, epochs=1, model=model_cfg, feature_cache=str(tmp_path / "c"))
+    train(cfg)
+    encoder = checkpoints.load_caption_model(run)[0].encoder.state_dict()
+    for key, value in donor.items():  # frozen: batch-norm statistics included
+        torch.testing.assert_close(encoder[key], value, msg=key)
+    assert records(run)[0]["val_CIDEr-D"] >= 0
 
 
 def test_resume_continues_after_the_last_finished_epoch(scenes, tmp_path):

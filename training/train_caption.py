@@ -190,7 +190,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--encoder-weights",
         default=None,
         help="'imagenet' (torchvision's pretrained weights, downloaded once into torchvision's "
-        "cache) or a local ResNet weights file (.safetensors or .pth state dict)",
+        "cache), a local ResNet weights file (.safetensors or .pth state dict), or a caption "
+        "run/checkpoint folder (its trained encoder)",
     )
     model.add_argument(
         "--encoder-stages", type=int, default=m.encoder_stages, help="ResNet stages kept (1-4)"

@@ -62,10 +62,12 @@ class CaptionConfig:
     vocab_size : words including the four specials (``<pad>``, ``<start>``, ``<end>``, ``<unk>``).
     encoder : torchvision ResNet, one of :data:`ENCODER_ARCHS`; built with ``weights=None``.
     encoder_weights : optional weights of that ResNet, loaded when the model is first built:
-        a local file (``.safetensors`` or a ``torch.save`` state dict), or torchvision's
-        pretrained weights by name (``"imagenet"``, a member such as ``"IMAGENET1K_V1"`` or
-        ``"ResNet50_Weights.IMAGENET1K_V2"``; see :func:`resolve_pretrained_weights`), fetched
-        through torchvision's own download and cache.
+        a local file (``.safetensors`` or a ``torch.save`` state dict), a caption checkpoint
+        or run folder (its trained encoder, e.g. to train a new decoder on a fine-tuned
+        encoder kept frozen), or torchvision's pretrained weights by name (``"imagenet"``, a
+        member such as ``"IMAGENET1K_V1"`` or ``"ResNet50_Weights.IMAGENET1K_V2"``; see
+        :func:`resolve_pretrained_weights`), fetched through torchvision's own download and
+        cache.
     encoder_stages : ResNet stages kept (1-4). 4 is the usual stride-32 grid; 3 (stride 16)
         gives a finer grid on small images, e.g. 4×4 at 64 px.
     fine_tune : train the encoder (else it is frozen, batch-norm statistics included).
@@ -204,13 +206,26 @@ def load_pretrained_weights(net: nn.Module, weights, arch: str, progress: bool =
     _load_resnet_state(net, state, f"{arch} {weights.name}", arch)
 
 
-def load_resnet_weights(net: nn.Module, path: str | Path, arch: str) -> None:
+def checkpoint_weights_file(path: str | Path) -> Path:
+    """A caption run or checkpoint folder → its ``model.safetensors`` (a run's ``best/``
+    first); any other path unchanged."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "best" / "model.safetensors", path / "model.safetensors"):
+            if candidate.is_file():
+                return candidate
+    return path
+
+
+def load_resnet_weights(net: nn.Module, path: str | Path, arch: str, stages: int = 4) -> None:
     """Load a local weights file into a full torchvision ResNet, or raise a one-line DataError.
 
     Accepts ``.safetensors`` or a ``torch.save``-d state dict (optionally under "state_dict" or
     "model", optionally with DDP's ``module.`` prefix). The classifier (``fc.*``) may be absent.
+    A caption checkpoint (its folder, a run folder or its ``model.safetensors``) gives its
+    trained encoder: the first ``stages`` stages, which must match ``arch``.
     """
-    path = Path(path)
+    path = checkpoint_weights_file(path)
     if not path.is_file():
         names = ", ".join(pretrained_weight_names(arch))
         raise DataError(
@@ -226,19 +241,32 @@ def load_resnet_weights(net: nn.Module, path: str | Path, arch: str) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, pickle and zip readers raise many types
         raise DataError(f"{path}: not a readable weights file ({first_line(err)})") from err
-    _load_resnet_state(net, state, str(path), arch)
+    _load_resnet_state(net, state, str(path), arch, stages)
 
 
-def _load_resnet_state(net: nn.Module, state, label: str, arch: str) -> None:
-    """Check a state dict against a torchvision ResNet and load it (``fc.*`` optional)."""
+ENCODER_PREFIX = "encoder.body."  # a caption checkpoint's encoder keys (CaptionModel.encoder.body)
+
+
+def _load_resnet_state(net: nn.Module, state, label: str, arch: str, stages: int = 4) -> None:
+    """Check a state dict against a torchvision ResNet and load it (``fc.*`` optional).
+
+    A caption checkpoint's state (keys ``encoder.body.*``; the decoder's are ignored) gives
+    its encoder: only the first ``stages`` stages need to be there.
+    """
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DataError(f"{label}: expected a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    optional = ("fc.",)
+    if any(k.startswith(ENCODER_PREFIX) for k in state):  # a caption model: its encoder only
+        state = {
+            k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)
+        }
+        optional += tuple(f"layer{k}." for k in range(stages + 1, 5))
     own = net.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    missing = [k for k in own if k not in state and not k.startswith(optional)]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
@@ -254,16 +282,16 @@ def _load_resnet_state(net: nn.Module, state, label: str, arch: str) -> None:
     net.load_state_dict(state, strict=False)
 
 
-def load_encoder_weights(net: nn.Module, weights: str | Path, arch: str) -> None:
-    """``weights`` into a full torchvision ResNet: an existing local file, else torchvision's
-    pretrained weights of that name (:func:`resolve_pretrained_weights`), else a
-    "file not found" error that lists the names."""
-    if not Path(weights).is_file():
+def load_encoder_weights(net: nn.Module, weights: str | Path, arch: str, stages: int = 4) -> None:
+    """``weights`` into a full torchvision ResNet: an existing local file or caption
+    checkpoint, else torchvision's pretrained weights of that name
+    (:func:`resolve_pretrained_weights`), else a "file not found" error that lists the names."""
+    if not Path(weights).exists():
         member = resolve_pretrained_weights(arch, str(weights))
         if member is not None:
             load_pretrained_weights(net, member, arch)
             return
-    load_resnet_weights(net, weights, arch)
+    load_resnet_weights(net, weights, arch, stages)
 
 
 class ResNetEncoder(nn.Module):
@@ -288,7 +316,7 @@ class ResNetEncoder(nn.Module):
             raise ConfigError(f"unknown encoder {arch!r}; choose one of {', '.join(ENCODER_ARCHS)}")
         net = getattr(torchvision.models, arch)(weights=None)  # weights loaded below
         if weights is not None:
-            load_encoder_weights(net, weights, arch)
+            load_encoder_weights(net, weights, arch, stages)
         layers = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu)]
         layers += [("maxpool", net.maxpool)]
         layers += [(f"layer{k}", getattr(net, f"layer{k}")) for k in range(1, stages + 1)]
