@@ -140,6 +140,27 @@ def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_run(scenes, tmp_path
     assert same_weights(run / "best", straight / "best") == []
 
 
+def test_scst_steps_take_the_shared_nan_policy_and_measure_the_cell(scenes, tmp_path, monkeypatch):
+    """An SCST epoch steps through the loop's step(): a NaN loss is skipped and counted, the
+    other steps update the model and log the cell's gradient norm."""
+    import training.train_caption as train_caption
+
+    real, calls = train_caption.scst_step, []
+
+    def poisoned(*args, **kw):
+        result = real(*args, **kw)
+        calls.append(1)
+        return result._replace(loss=result.loss * float("nan")) if len(calls) == 1 else result
+
+    monkeypatch.setattr(train_caption, "scst_step", poisoned)
+    run = tmp_path / "scst"
+    cfg = small_config(scenes, run, epochs=2, scst_after=1, scst_samples=2)
+    train(cfg)  # 40 images, batches of 8: 5 SCST steps, the first one NaN
+    recs = records(run)
+    assert [(r["phase"], r["skipped_steps"]) for r in recs] == [("ce", 0), ("scst", 1)]
+    assert len(calls) == 5 and recs[1]["cell_grad_norm"] > 0
+
+
 def test_torchrun_ddp_with_two_cpu_processes(scenes, tmp_path):
     run = tmp_path / "ddp"
     cmd = [

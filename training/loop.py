@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,10 +292,12 @@ class TrainingLoop:
 
     # -- one optimisation step -----------------------------------------------------------------
 
-    def step(self, loss: Tensor) -> bool:
+    def step(self, loss: Tensor, after_backward: Callable[[], None] | None = None) -> bool:
         """Backward, check, clip and step on one batch's ``loss``; False when skipped.
 
-        ``zero_grad``, ``backward`` (through the loss scaler under fp16), unscale, then: a
+        ``zero_grad``, ``backward`` (through the loss scaler under fp16), ``after_backward()``
+        if given (e.g. averaging by hand the gradients of a loss computed outside the DDP
+        wrapper), unscale, then: a
         non-finite loss or gradient norm skips the step (a warning, ``skipped_steps``; after
         ``max_bad_steps`` in a row :class:`TrainingDiverged`); else the cell's gradient norm
         is measured (before clipping), the gradients clipped to ``clip`` and the optimizer
@@ -306,6 +308,8 @@ class TrainingLoop:
         self.epoch_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if after_backward is not None:
+            after_backward()
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]

@@ -516,15 +516,10 @@ class CaptionTraining(TrainingLoop):
             batch = SCSTBatch(inputs.to(device), refs)
             with common.autocast(device, cfg.amp):
                 result = scst_step(model, batch, self.scorer, self.vocab.itos, scst_cfg)
-            # Not the loop's shared step(): the gradients of the plain model (not the DDP
-            # wrapper) are averaged by hand between backward and unscale.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(result.loss).backward()
-            average_gradients(model)
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            # The loop's shared step (NaN policy, clipping, the cell's gradient norm); the loss
+            # comes from the plain model, not the DDP wrapper, so its gradients are averaged
+            # across the processes by hand between backward and unscale.
+            self.step(result.loss, after_backward=lambda: average_gradients(model))
             for key in keys:
                 sums[key] += result.stats.get(key, 0.0)
             batches += 1
