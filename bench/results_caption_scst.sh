@@ -69,23 +69,36 @@ train() {  # train VARIANT SEED [OPTION ...]: continues from last/ if there is o
     --out "$run" --resume-if-present "${EXTRA[@]}" "$@" >>"$run/train.log" 2>&1
 }
 
-pair() {  # pair GATE SEED: the cross-entropy run and its SCST variant
-  # The SCST run's first scst_after epochs are the cross-entropy run's (same config and seed),
+variants() {  # variants GATE: the tier's SCST variants of GATE that have a config
+  local v
+  for v in "$1_scst" "$1_scst_gates"; do
+    [ -f "$REPO/configs/caption/${PREFIX}_$v.toml" ] && echo "$v"
+  done
+}
+
+pair() {  # pair GATE SEED: the cross-entropy run and its SCST variants
+  # The SCST runs' first scst_after epochs are the cross-entropy run's (same config and seed),
   # so they are trained once: the CE run stops after scst_after epochs, its folder is copied
-  # to the SCST run, and both continue with --resume (which reproduces an uninterrupted run,
+  # to each SCST run, and all continue from last/ (which reproduces an uninterrupted run,
   # tests/test_train_caption.py::test_resume_continues_after_the_last_finished_epoch).
-  local gate=$1 seed=$2 ce=$OUT/$1_s$2 scst=$OUT/$1_scst_s$2 after
+  local gate=$1 seed=$2 ce=$OUT/$1_s$2 after variant scst
   after=$(sed -n 's/^scst_after *= *\([0-9]*\).*/\1/p' "$REPO/configs/caption/${PREFIX}_${gate}_scst.toml")
-  if ! done_run "${gate}_scst" "$seed" && [ ! -f "$scst/last/trainer.pt" ]; then
-    [ -f "$ce/.done" ] || train "$gate" "$seed" --epochs "$after"
-    if [ "$(cat "$ce/metrics.jsonl" 2>/dev/null | wc -l)" -le "$after" ]; then
-      rm -rf "$scst" && cp -r "$ce" "$scst" && rm -f "$scst/summary.json"
-      echo "branched: $scst after epoch $after of $ce"
-    fi  # else the CE run is already past the branch point: the SCST run trains from scratch
-  fi
+  for variant in $(variants "$gate"); do
+    scst=$OUT/${variant}_s$seed
+    if ! done_run "$variant" "$seed" && [ ! -f "$scst/last/trainer.pt" ]; then
+      [ -f "$ce/.done" ] || [ "$(cat "$ce/metrics.jsonl" 2>/dev/null | wc -l)" -ge "$after" ] ||
+        train "$gate" "$seed" --epochs "$after"
+      if [ "$(cat "$ce/metrics.jsonl" 2>/dev/null | wc -l)" -eq "$after" ]; then
+        rm -rf "$scst" && cp -r "$ce" "$scst" && rm -f "$scst/summary.json"
+        echo "branched: $scst after epoch $after of $ce"
+      fi  # else the CE run is already past the branch point: the SCST run trains from scratch
+    fi
+  done
   done_run "$gate" "$seed" || { train "$gate" "$seed" && touch "$ce/.done"; }
-  done_run "${gate}_scst" "$seed" || { train "${gate}_scst" "$seed" && touch "$scst/.done"; }
-  echo "trained: $ce $scst"
+  for variant in $(variants "$gate"); do
+    done_run "$variant" "$seed" || { train "$variant" "$seed" && touch "$OUT/${variant}_s$seed/.done"; }
+  done
+  echo "trained: $ce and its SCST variants"
 }
 
 evaluate() {  # evaluate VARIANT SEED
@@ -109,7 +122,7 @@ for seed in $SEEDS; do
   while kill -0 "$first" 2>/dev/null && ! grep -qs "process(es)" "$log"; do sleep 5; done
   pair bbeta5 "$seed" &
   wait
-  for variant in lstm bbeta5 lstm_scst bbeta5_scst; do evaluate "$variant" "$seed"; done
+  for variant in lstm bbeta5 $(variants lstm) $(variants bbeta5); do evaluate "$variant" "$seed"; done
 done
 
 "$PY" - "$OUT" <<'EOF'

@@ -200,4 +200,5 @@ def test_checked_in_configs_parse_and_share_one_protocol():
         assert cfg.model.gate.family == family, row.name
         assert cfg.model.fine_tune == (tier == "scenes"), row.name
         assert (cfg.model.encoder_weights is not None) == (tier == "frozen"), row.name
-        assert bool(cfg.scst_after) == row.stem.endswith("_scst"), row.name
+        assert bool(cfg.scst_after) == ("_scst" in row.stem), row.name
+        assert cfg.scst_sample_gates == row.stem.endswith("_scst_gates"), row.name
