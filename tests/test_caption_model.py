@@ -173,6 +173,32 @@ def test_sampled_gates_and_scheduled_sampling_run_and_differ():
     assert torch.isfinite(loss.total)
 
 
+def test_sampled_training_draws_gate_noise_in_the_fused_kernel(monkeypatch):
+    """On the CPU the teacher-forced decoder's sampled gates take the fused kernels' in-kernel
+    noise (one seed per caption batch), not eager Gamma draws; eager (fused off) still works."""
+    torch.manual_seed(3)
+    model = CaptionModel.build(tiny()).train()
+    images, captions, lengths = batch()
+    features = model.encoder(images)
+    gate = model.decoder.cell.gate
+
+    def no_eager_draws(*args, **kw):
+        raise AssertionError("eager gate noise drawn on the fused path")
+
+    with monkeypatch.context() as m:
+        m.setattr(gate, "draw_noise", no_eager_draws)
+        logits = model.decoder(
+            features, captions, lengths, generator=torch.Generator().manual_seed(1)
+        )[0]
+    assert torch.isfinite(logits).all()
+    model.decoder.cell.fused = False
+    eager = model.decoder(features, captions, lengths, generator=torch.Generator().manual_seed(1))[
+        0
+    ]
+    mean = model.decoder(features, captions, lengths, gate_mode="mean")[0]
+    assert torch.isfinite(eager).all() and not torch.allclose(eager, mean)
+
+
 def test_frozen_encoder_has_no_grads_and_keeps_batchnorm_statistics():
     torch.manual_seed(4)
     model = CaptionModel.build(tiny(fine_tune=False)).train()

@@ -511,7 +511,7 @@ class AttentionDecoder(nn.Module):
         cell = self.cell
         noise = None
         if mode == "sample" and cell.gate.stochastic:
-            noise = cell.gate.draw_noise(T, B, cell.hidden_size, features, generator)
+            noise = cell.draw_sequence_noise(T, B, features, generator)
         want_kl = cell.config.kl_weight > 0
         kl = features.new_zeros(B)
         with cell.sequence_noise(B, features):  # sparse cells: one noise draw per caption
