@@ -3,7 +3,8 @@
 # `bbeta5` caption decoders on the generated scenes, at the same epoch budget; test and
 # test_holdout, BLEU-4 / CIDEr-D / ROUGE-L (docs/results_caption.md, issue 16).
 #
-#   bash bench/results_caption_scst.sh [full|quick] [SEED ...]      (default: full 1 2 3)
+#   bash bench/results_caption_scst.sh [full|quick|frozen] [SEED ...]   (default: full 1 2 3)
+#   GATES=lstm bash bench/results_caption_scst.sh ...                   (one decoder only)
 #
 # full : configs/caption/scenes_{lstm,bbeta5}.toml (issue 14's protocol: ResNet-18 fine-tuned
 #        from scratch, at most 40 epochs) against scenes_{lstm,bbeta5}_scst.toml (30 CE + 10 SCST)
@@ -113,16 +114,23 @@ evaluate() {  # evaluate VARIANT SEED
   done
 }
 
+GATES=${GATES:-lstm bbeta5}  # the decoders to train (both by default)
 for seed in $SEEDS; do
-  pair lstm "$seed" &
-  first=$!
-  # Both gates of a seed share the frozen encoder's feature-cache entries (quick tier): the
-  # second starts once the first has built (or opened) them, so no entry is built twice at once.
-  log=$OUT/lstm_s$seed/train.log
-  while kill -0 "$first" 2>/dev/null && ! grep -qs "process(es)" "$log"; do sleep 5; done
-  pair bbeta5 "$seed" &
+  first=
+  for gate in $GATES; do
+    if [ -n "$first" ]; then
+      # Every gate of a seed shares the frozen encoder's feature-cache entries: the later ones
+      # start once the first has built (or opened) them, so no entry is built twice at once.
+      log=$OUT/${firstgate}_s$seed/train.log
+      while kill -0 "$first" 2>/dev/null && ! grep -qs "process(es)" "$log"; do sleep 5; done
+    fi
+    pair "$gate" "$seed" &
+    if [ -z "$first" ]; then first=$! firstgate=$gate; fi
+  done
   wait
-  for variant in lstm bbeta5 $(variants lstm) $(variants bbeta5); do evaluate "$variant" "$seed"; done
+  for gate in $GATES; do
+    for variant in "$gate" $(variants "$gate"); do evaluate "$variant" "$seed"; done
+  done
 done
 
 "$PY" - "$OUT" <<'EOF'
