@@ -28,17 +28,6 @@ def in_process(calls):
 
 
 @pytest.fixture
-def one_thread():
-    """One torch thread, as the sweep's jobs have (tiny matrices: threads only contend)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def tiny_sweep(tmp_path) -> Path:
     rng = np.random.default_rng(0)
 

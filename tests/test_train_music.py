@@ -64,15 +64,6 @@ def test_training_learns_checkpoints_and_logs(tiny_music, tmp_path):
     assert all(r["skipped_steps"] == 0 and r["cell_grad_norm"] > 0 for r in records)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: bit-for-bit reproducible, as the killed subprocesses run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def read_records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
