@@ -116,6 +116,10 @@ def test_gpu_image_gets_cuda_13_from_pip_wheels_on_a_plain_python_base(built):
     assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
     assert "ENV BBSERVICE_DEVICE=$BBSERVICE_DEVICE" in dockerfile
     assert "EXPOSE 3000" in dockerfile
+    # g++ for the fused CPU kernels of mode=stochastic, whose source travels with the bento
+    installs = [line for line in dockerfile.splitlines() if "apt-get install" in line]
+    assert any(" g++" in line for line in installs), installs
+    assert "bbservice/fused/kernels.cpp" in bento["src"]
     assert "ENV BENTOML_DO_NOT_TRACK=$BENTOML_DO_NOT_TRACK" in dockerfile
     assert "ARG BENTOML_DO_NOT_TRACK=True" in dockerfile
     reqs = requirement_lines(bento["requirements"])
@@ -138,6 +142,8 @@ def test_cpu_variant(built):
     assert "ENV BENTOML_DO_NOT_TRACK=$BENTOML_DO_NOT_TRACK" in bento["dockerfile"]
     assert "FROM python:3.11-slim AS base-container" in bento["dockerfile"]
     assert "ARG BBSERVICE_DEVICE=cpu" in bento["dockerfile"]
+    assert "g++" not in bento["dockerfile"]  # no torch here, so no kernels to build
+    assert "bbservice/fused/kernels.cpp" not in bento["src"]
 
 
 @pytest.mark.parametrize("bentofile", ["bentofile.yaml", "bentofile.cpu.yaml"])

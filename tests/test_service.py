@@ -427,6 +427,8 @@ def test_generate_stochastic(client):
 
 
 def test_models(client, exports):
+    from bbservice.fused import build as fused_build
+
     body = wait_stochastic_loaded(client)
     assert body["ready"] is True
     for kind in ("music", "caption"):
@@ -441,6 +443,8 @@ def test_models(client, exports):
         assert info["verification"]["passed"] is True and info["warmup_ms"] > 0
         assert info["stochastic"]["available"] is True
         assert info["stochastic"]["device"] == "cpu"  # torch sees no GPU here
+        # built at load time, not in the first stochastic request
+        assert info["stochastic"]["kernels"] == ("fused" if fused_build.load() else "eager")
     assert body["models"]["caption"]["vocabulary_size"] == CAPTION["vocab_size"]
     assert body["limits"]["max_pixels"] == 4_000_000
     assert body["versions"]["onnxruntime"]

@@ -47,6 +47,7 @@ class TorchModel:
     device: str | None = None
     checkpoint: Path | None = None
     reason: str | None = None
+    kernels: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def status(self) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class TorchModel:
             "loaded": self.model is not None or self.reason is not None,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "device": self.device,
+            "kernels": self.kernels,
             "reason": self.reason,
         }
 
@@ -92,8 +94,34 @@ class TorchModel:
         model, config = checkpoints.load_model(folder, device)
         _check_same_model(model, config, manifest, folder)
         self.checkpoint, self.device = folder, device
-        log.info("%s: stochastic mode ready on %s (checkpoint %s)", self.kind, device, folder)
+        self.kernels = gate_kernels(device)
+        log.info(
+            "%s: stochastic mode ready on %s, %s gate kernels (checkpoint %s)",
+            self.kind, device, self.kernels, folder,
+        )
         return model
+
+
+def gate_kernels(device: str) -> str:
+    """Which gate kernels the PyTorch twin runs: on the CPU, ``"fused"`` once
+    :func:`bbservice.fused.build.load` has built (or found cached) the C++ kernels, which it
+    does here, at load time, rather than in the first stochastic request; ``"eager"`` without
+    a compiler (reason logged) or with ``BBSERVICE_FUSED=0``. On CUDA the cells run torch's
+    own (eager) ops."""
+    import warnings
+
+    from bbservice import fused
+    from bbservice.fused.build import load
+
+    if device != "cpu" or not fused.enabled():
+        return "eager"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lib = load()
+    for warning in caught:
+        log.warning("%s", warning.message)
+    return "fused" if lib is not None else "eager"
 
 
 def torch_device(setting: str) -> str:
