@@ -36,7 +36,7 @@ def test_cpu_builds_the_kernels_at_load_time(monkeypatch):
 
 def test_without_a_compiler_the_reason_is_logged(monkeypatch, caplog):
     def no_compiler():
-        warnings.warn("bbservice: fused gate kernels unavailable, running eager: no C++ compiler")
+        warnings.warn("fused gate kernels unavailable: no C++ compiler", stacklevel=2)
         return None
 
     monkeypatch.setattr(fused, "_enabled", True)

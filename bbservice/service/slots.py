@@ -97,7 +97,10 @@ class TorchModel:
         self.kernels = gate_kernels(device)
         log.info(
             "%s: stochastic mode ready on %s, %s gate kernels (checkpoint %s)",
-            self.kind, device, self.kernels, folder,
+            self.kind,
+            device,
+            self.kernels,
+            folder,
         )
         return model
 
