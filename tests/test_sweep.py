@@ -120,3 +120,33 @@ def test_default_root_is_outside_the_work_tree(monkeypatch, tmp_path):
     assert sweep.default_root() == Path("~/bbservice-runs").expanduser()
     monkeypatch.setenv(sweep.RUNS_ENV, str(tmp_path))
     assert sweep.default_root() == tmp_path
+
+
+def test_raising_the_epoch_cap_extends_finished_runs(tiny_sweep, tmp_path, one_thread):
+    tiny_sweep.write_text(tiny_sweep.read_text().replace("seeds = [1, 2]", "seeds = [1]"))
+    protocol = tiny_sweep.parent / "music" / "protocol.toml"
+    spec, root = sweep.load_spec(tiny_sweep), tmp_path / "runs"
+    sweep.run_sweep(spec, root, runner=in_process([]))
+    run = root / "tiny_bbeta5_s1"
+    two_epochs = (run / "metrics.jsonl").read_text()
+    assert [job.status() for job in spec.jobs(root)] == ["done", "done"]
+
+    protocol.write_text(protocol.read_text().replace("epochs = 2", "epochs = 3"))
+    assert [job.epochs_to_extend() for job in spec.jobs(root)] == [(2, 3), (2, 3)]
+    calls = []
+    statuses = sweep.run_sweep(spec, root, runner=in_process(calls))
+    assert set(statuses.values()) == {"done"} and len(calls) == 4  # 2 trainings, 2 evaluations
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    assert "\n".join(lines[:2]) + "\n" == two_epochs  # continued, not trained again
+    assert json.loads((run / "last" / "config.json").read_text())["train"]["epochs"] == 3
+    assert [job.epochs_to_extend() for job in spec.jobs(root)] == [None, None]
+
+    # A run that stopped early is finished whatever the cap: nothing to extend.
+    protocol.write_text(protocol.read_text().replace("epochs = 3", "epochs = 5"))
+    saved = json.loads((run / "last" / "config.json").read_text())
+    saved["train"]["early_stop"], saved["metrics"]["epoch"] = 1, 3
+    (run / "last" / "config.json").write_text(json.dumps(saved))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "best_epoch": 2}))
+    assert sweep.Job("x", spec.config_path("tiny", "bbeta5"), "bbeta5", 1, run).status() == "done"

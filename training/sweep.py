@@ -18,7 +18,9 @@ output in ``ROOT/NAME/train.log`` / ``eval.log``. Run names are ``DATASET_FAMILY
 two sweeps that share rows share their runs. Resumable: a run with ``eval.json`` is done and
 skipped; one whose training finished (``summary.json``) is only evaluated; every other run is
 trained with ``--resume-if-present``: one with a ``last/`` checkpoint (or a checkpoint swap cut
-short by a kill) continues after its last finished epoch, anything else starts fresh. The root is
+short by a kill) continues after its last finished epoch, anything else starts fresh. A finished
+run that trained to its epoch cap is extended when the row's config now allows more epochs: it
+resumes from ``last/`` to the new cap (or an early stop) and is evaluated again. The root is
 ``--root``, else ``$BBSERVICE_RUNS``, else ``~/bbservice-runs`` (outside the work tree).
 
 At the end (and with ``--report-only`` without training) the results table and the curves
@@ -28,6 +30,7 @@ picture are written from the finished runs (:mod:`training.run_compare`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -42,7 +45,8 @@ from pathlib import Path
 
 from bbservice.errors import ConfigError, DataError
 from bbservice.gates import GATE_FAMILIES, GateConfig, make_gate
-from training import run_compare
+from training import run_compare, run_config
+from training.train_music import MusicTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +144,10 @@ class Job:
         return self.run_dir / run_compare.EVAL_FILE
 
     def status(self) -> str:
-        """``done`` (evaluated), ``trained`` (evaluate only), ``resume`` or ``new``."""
+        """``extend`` (finished at an epoch cap that the row's config now raises), ``done``
+        (evaluated), ``trained`` (evaluate only), ``resume`` or ``new``."""
+        if self.epochs_to_extend() is not None:
+            return "extend"
         if self.eval_json.is_file():
             return "done"
         if (self.run_dir / "summary.json").is_file() and (self.run_dir / "best").is_dir():
@@ -148,6 +155,26 @@ class Job:
         if any((self.run_dir / d / "trainer.pt").is_file() for d in ("last", ".last.old")):
             return "resume"  # .last.old: a kill cut the swap of last/; training recovers it
         return "new"
+
+    def epochs_to_extend(self) -> tuple[int, int] | None:
+        """``(ran, wanted)`` when the finished run trained to its epoch cap (``ran`` epochs, no
+        early stop) and the row's config now asks for ``wanted`` > ``ran``: training it again
+        with ``--resume-if-present`` continues from ``last/`` (exact resume), so raising
+        ``epochs`` in a protocol file extends the runs instead of starting them again."""
+        summary, saved = self.run_dir / "summary.json", self.run_dir / "last" / "config.json"
+        if not (summary.is_file() and saved.is_file()):
+            return None
+        try:
+            config = json.loads(saved.read_text())
+            train, ran = config["train"], config["metrics"]["epoch"]
+            best = json.loads(summary.read_text())["best_epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not a run this sweep wrote: left alone
+        early_stop = train.get("early_stop") or 0
+        if ran < train.get("epochs", ran) or (early_stop and ran - best >= early_stop):
+            return None  # stopped early (or the early stop fell on the cap): nothing to extend
+        wanted = run_config.read_toml(self.config).get("epochs", MusicTrainConfig.epochs)
+        return (ran, wanted) if wanted > ran else None
 
     def train_argv(self) -> list[str]:
         argv = ["train", "music", "--config", str(self.config), "--seed", str(self.seed)]
@@ -193,6 +220,14 @@ def run_job(job: Job, runner: Runner, mc_samples: int, split: str = "test") -> s
         return "done"
     started = time.perf_counter()
     job.run_dir.mkdir(parents=True, exist_ok=True)
+    if status == "extend":
+        ran, wanted = job.epochs_to_extend() or (0, 0)
+        log.info("extend %s: %d -> %d epochs (resuming)", job.name, ran, wanted)
+        # Without its summary and evaluation the run reads as killed ("resume") until the
+        # longer training and its evaluation finish, so a kill now loses nothing.
+        job.eval_json.unlink(missing_ok=True)
+        (job.run_dir / "summary.json").unlink()
+        status = "resume"
     if status in ("new", "resume"):
         log.info("start %s%s", job.name, " (resuming)" if status == "resume" else "")
         if runner(job.train_argv(), job.run_dir / "train.log") != 0:
