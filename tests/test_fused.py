@@ -294,6 +294,7 @@ def test_without_a_compiler_cells_run_eager_with_one_warning(monkeypatch):
     monkeypatch.setattr(build, "_state", {})
     with pytest.warns(UserWarning, match=r"fused gate kernels unavailable.*no C\+\+ compiler"):
         assert build.load() is None
+    assert build.unavailable_reason() == "no C++ compiler (g++/c++) found"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one warning per process, not per call
         with torch.no_grad():
@@ -302,3 +303,4 @@ def test_without_a_compiler_cells_run_eager_with_one_warning(monkeypatch):
     monkeypatch.setattr(build, "compiler", real_compiler)
     monkeypatch.setattr(build, "_state", {})
     assert build.load() is not None  # the cached library, no rebuild
+    assert build.unavailable_reason() is None

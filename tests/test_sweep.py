@@ -141,6 +141,10 @@ def test_raising_the_epoch_cap_extends_finished_runs(tiny_sweep, tmp_path, one_t
     assert "\n".join(lines[:2]) + "\n" == two_epochs  # continued, not trained again
     assert json.loads((run / "last" / "config.json").read_text())["train"]["epochs"] == 3
     assert [job.epochs_to_extend() for job in spec.jobs(root)] == [None, None]
+    protocol.write_text(protocol.read_text().replace("epochs = 3", 'epochs = "4"'))
+    with pytest.raises(ConfigError, match="'epochs' in .*tiny_lstm.toml must be an integer"):
+        spec.jobs(root)[0].status()
+    protocol.write_text(protocol.read_text().replace('epochs = "4"', "epochs = 3"))
 
     # A run that stopped early is finished whatever the cap: nothing to extend.
     protocol.write_text(protocol.read_text().replace("epochs = 3", "epochs = 5"))

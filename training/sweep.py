@@ -174,6 +174,8 @@ class Job:
         if ran < train.get("epochs", ran) or (early_stop and ran - best >= early_stop):
             return None  # stopped early (or the early stop fell on the cap): nothing to extend
         wanted = run_config.read_toml(self.config).get("epochs", MusicTrainConfig.epochs)
+        if type(wanted) is not int:
+            raise ConfigError(f"'epochs' in {self.config} must be an integer, got {wanted!r}")
         return (ran, wanted) if wanted > ran else None
 
     def train_argv(self) -> list[str]:
@@ -221,8 +223,7 @@ def run_job(job: Job, runner: Runner, mc_samples: int, split: str = "test") -> s
     started = time.perf_counter()
     job.run_dir.mkdir(parents=True, exist_ok=True)
     if status == "extend":
-        ran, wanted = job.epochs_to_extend() or (0, 0)
-        log.info("extend %s: %d -> %d epochs (resuming)", job.name, ran, wanted)
+        log.info("extend %s: %d -> %d epochs (resuming)", job.name, *job.epochs_to_extend())
         # Without its summary and evaluation the run reads as killed ("resume") until the
         # longer training and its evaluation finish, so a kill now loses nothing.
         job.eval_json.unlink(missing_ok=True)

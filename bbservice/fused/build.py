@@ -95,5 +95,11 @@ def load() -> ctypes.CDLL | None:
             warnings.warn(
                 f"bbservice: fused gate kernels unavailable, running eager: {why}", stacklevel=3
             )
-        _state["lib"] = lib
+        _state["lib"], _state["why"] = lib, why
         return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load` gave ``None`` (the text of its warning); ``None`` when the kernels
+    loaded or :func:`load` has not run yet."""
+    return _state.get("why")  # type: ignore[return-value]

@@ -111,20 +111,15 @@ def gate_kernels(device: str) -> str:
     does here, at load time, rather than in the first stochastic request; ``"eager"`` without
     a compiler (reason logged) or with ``BBSERVICE_FUSED=0``. On CUDA the cells run torch's
     own (eager) ops."""
-    import warnings
-
     from bbservice import fused
-    from bbservice.fused.build import load
+    from bbservice.fused import build
 
     if device != "cpu" or not fused.enabled():
         return "eager"
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        lib = load()
-    for warning in caught:
-        log.warning("%s", warning.message)
-    return "fused" if lib is not None else "eager"
+    if build.load() is None:
+        log.warning("fused gate kernels unavailable, running eager: %s", build.unavailable_reason())
+        return "eager"
+    return "fused"
 
 
 def torch_device(setting: str) -> str:
