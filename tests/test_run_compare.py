@@ -8,9 +8,12 @@ from bbservice.cli import main
 from bbservice.errors import DataError
 from training.run_compare import (
     RunResult,
+    format_table,
+    late_gain,
     mean_std,
     paired_differences,
     read_run,
+    stopped_early,
     summarise,
     write_report,
 )
@@ -83,8 +86,33 @@ def test_report_table_and_picture(tmp_path):
     assert "| E | lstm | 1 | **4.000** |" in table
     assert "| D | 1, 2 | -0.100, +0.100 | **+0.000 ± 0.141** | -0.200, +0.000 |" in table
     assert "test NLL (MC, S=10)" in table
+    assert "| 0/3 | — |" in table  # the test runs' 2-epoch curves are too short to judge
     assert (tmp_path / "results.md").read_text() == table
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_stopped_early_against_the_epoch_cap():
+    train = {"epochs": 50, "early_stop": 8}
+    assert stopped_early(train, epochs_run=47, best_epoch=39)  # stopped before the cap
+    assert stopped_early(train, epochs_run=50, best_epoch=42)  # the early stop fell on the cap
+    assert not stopped_early(train, epochs_run=50, best_epoch=43)  # the cap cut it short
+    assert not stopped_early({"epochs": 50, "early_stop": 0}, epochs_run=50, best_epoch=10)
+
+
+def test_late_gain_says_whether_validation_still_improves():
+    still_falling = [(e, 10.0 - 0.01 * e) for e in range(1, 31)]
+    assert late_gain(still_falling) == pytest.approx(0.10)  # best of 1–20 against best of 1–30
+    flat = [(e, max(9.0, 10.0 - 0.1 * e)) for e in range(1, 31)]
+    assert late_gain(flat) == 0.0
+    assert late_gain(still_falling[:10]) is None  # no epochs before the last 10
+    assert late_gain(list(reversed(still_falling)), last=5) == pytest.approx(0.05)  # by epoch
+    runs = [
+        RunResult("a", "D", "f", 1, 8.0, None, 30, 30, 8.0, 60.0, tuple(still_falling), False),
+        RunResult("b", "D", "f", 2, 8.0, None, 20, 28, 8.0, 60.0, tuple(flat), True),
+    ]
+    (row,) = summarise(runs)
+    assert row.stopped_early == 1 and row.late_gain.mean == pytest.approx(0.05)
+    assert "| 1/2 | 0.050 ± 0.071 |" in format_table([row])
 
 
 def write_run(folder, family, seed, test_nll, with_eval):
@@ -108,7 +136,11 @@ def test_read_run_and_the_compare_command(tmp_path, capsys):
     write_run(tmp_path / "runs" / "a", "lstm", 1, 8.4, with_eval=False)
     write_run(tmp_path / "runs" / "b", "bbeta5", 1, 8.3, with_eval=True)
     (tmp_path / "runs" / "not_a_run").mkdir()
+    (tmp_path / "runs" / "b" / "last").mkdir()  # the final epoch's config says the cap
+    last = {"train": {"epochs": 5, "early_stop": 0}, "metrics": {"epoch": 3}}
+    (tmp_path / "runs" / "b" / "last" / "config.json").write_text(json.dumps(last))
     a, b = read_run(tmp_path / "runs" / "a"), read_run(tmp_path / "runs" / "b")
+    assert a.stopped_early is None and b.stopped_early is True  # 3 epochs of at most 5
     assert (a.dataset, a.family, a.seed, a.nll_mean_gates, a.nll_monte_carlo) == (
         "JSB_Chorales", "lstm", 1, 8.4, None,
     )  # fmt: skip

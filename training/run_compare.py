@@ -25,6 +25,30 @@ from pathlib import Path
 from bbservice.errors import DataError
 
 EVAL_FILE = "eval.json"
+LATE_EPOCHS = 10  # the convergence check: validation gain over a run's last 10 epochs
+
+
+def stopped_early(train: dict, epochs_run: int, best_epoch: int) -> bool:
+    """Whether a finished run ended by early stopping rather than at its epoch cap.
+
+    ``train`` is the ``train`` section of the run's saved config (``epochs``, ``early_stop``):
+    fewer epochs than the cap, or the cap falling on the epoch where ``early_stop`` epochs
+    without a validation gain would have stopped it anyway.
+    """
+    early_stop = train.get("early_stop") or 0
+    if epochs_run < train.get("epochs", epochs_run):
+        return True
+    return bool(early_stop) and epochs_run - best_epoch >= early_stop
+
+
+def late_gain(curve: Sequence[tuple[int, float]], last: int = LATE_EPOCHS) -> float | None:
+    """How much the best validation NLL fell over the last ``last`` epochs of ``curve``
+    ((epoch, NLL) pairs): best of all epochs against best before them, ``>= 0``; ``None`` for
+    a curve of ``last`` epochs or fewer. Near 0: converged; clearly above 0: still improving."""
+    if len(curve) <= last:
+        return None
+    nlls = [nll for _, nll in sorted(curve)]
+    return min(nlls[:-last]) - min(nlls)
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,12 @@ class RunResult:
     valid_nll: float
     train_seconds: float  # wall time of the training epochs (Σ metrics.jsonl epoch_seconds)
     curve: tuple[tuple[int, float], ...] = ()  # (epoch, validation NLL)
+    stopped_early: bool | None = None  # None: the saved config does not say the epoch cap
+
+    @property
+    def late_gain(self) -> float | None:
+        """Validation gain over the last ``LATE_EPOCHS`` epochs (see :func:`late_gain`)."""
+        return late_gain(self.curve)
 
     @property
     def nll_best_estimate(self) -> float:
@@ -82,6 +112,8 @@ class GroupRow:
     best_epoch: Stat
     epochs_run: Stat
     train_minutes: Stat
+    stopped_early: int = 0  # how many of the seeds' runs ended by early stopping
+    late_gain: Stat | None = None  # None: a run too short (or not saying) to tell
 
 
 @dataclass(frozen=True)
@@ -115,6 +147,7 @@ def summarise(runs: Sequence[RunResult]) -> list[GroupRow]:
             names = [r.name for r in members]
             raise DataError(f"{dataset} {family}: the same seed twice among runs {names}")
         mcs = [r.nll_monte_carlo for r in members]
+        gains = [r.late_gain for r in members]
         rows.append(
             GroupRow(
                 dataset=dataset,
@@ -125,6 +158,8 @@ def summarise(runs: Sequence[RunResult]) -> list[GroupRow]:
                 best_epoch=mean_std(r.best_epoch for r in members),
                 epochs_run=mean_std(r.epochs_run for r in members),
                 train_minutes=mean_std(r.train_seconds / 60 for r in members),
+                stopped_early=sum(bool(r.stopped_early) for r in members),
+                late_gain=None if None in gains else mean_std(gains),
             )
         )
     return rows
@@ -167,18 +202,25 @@ def format_table(
     mc_head = f"test NLL (MC, S={mc_samples})" if mc_samples else "test NLL (MC)"
     lines = [
         f"| data | gates | seeds | test NLL (mean gates) | {mc_head} | best epoch | epochs run "
-        "| train time (min) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| early-stopped | valid gain, last {LATE_EPOCHS} epochs | train time (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mc = r.nll_monte_carlo.format() if r.nll_monte_carlo else "—"
+        gain = r.late_gain.format() if r.late_gain else "—"
         lines.append(
             f"| {r.dataset} | {r.family} | {', '.join(map(str, r.seeds))} | "
             f"**{r.nll_mean_gates.format()}** | {mc} | {r.best_epoch.format(1)} | "
-            f"{r.epochs_run.format(1)} | {r.train_minutes.format(1)} |"
+            f"{r.epochs_run.format(1)} | {r.stopped_early}/{len(r.seeds)} | {gain} | "
+            f"{r.train_minutes.format(1)} |"
         )
     lines.append("")
     lines.append("Mean ± sample standard deviation over seeds; NLL in nats per frame on test.")
+    lines.append(
+        "Early-stopped: runs that ended by early stopping, not at the epoch cap. Valid gain: "
+        f"how much the best validation NLL fell over a run's last {LATE_EPOCHS} epochs "
+        "(near 0: converged)."
+    )
     if pairs:
         lines += [
             "",
@@ -266,6 +308,10 @@ def read_run(run_dir: str | Path) -> RunResult:
         nll, mc = evaluation["nll_mean_gates"], evaluation.get("nll_monte_carlo")
     else:
         nll = metrics["test_nll"]
+    best_epoch = int(metrics.get("best_epoch", metrics.get("epoch", 0)))
+    # last/ holds the config of the final epoch: the cap the run really trained under
+    last = run_dir / "last" / "config.json"
+    train = (_read_json(last) if last.is_file() else config).get("train", {})
     return RunResult(
         name=run_dir.name,
         dataset=config.get("data", {}).get("name", config["train"]["data"]),
@@ -273,7 +319,7 @@ def read_run(run_dir: str | Path) -> RunResult:
         seed=int(config["train"]["seed"]),
         nll_mean_gates=float(nll),
         nll_monte_carlo=None if mc is None else float(mc),
-        best_epoch=int(metrics.get("best_epoch", metrics.get("epoch", 0))),
+        best_epoch=best_epoch,
         epochs_run=len(records),
         valid_nll=float(metrics["valid_nll"]),
         train_seconds=float(sum(r.get("epoch_seconds", 0.0) for r in records)),
@@ -282,6 +328,7 @@ def read_run(run_dir: str | Path) -> RunResult:
             for r in records
             if r.get("valid_nll") is not None and math.isfinite(r["valid_nll"])
         ),
+        stopped_early=stopped_early(train, len(records), best_epoch) if "epochs" in train else None,
     )
 
 

@@ -170,9 +170,8 @@ class Job:
             best = json.loads(summary.read_text())["best_epoch"]
         except (OSError, ValueError, KeyError, TypeError):
             return None  # not a run this sweep wrote: left alone
-        early_stop = train.get("early_stop") or 0
-        if ran < train.get("epochs", ran) or (early_stop and ran - best >= early_stop):
-            return None  # stopped early (or the early stop fell on the cap): nothing to extend
+        if run_compare.stopped_early(train, ran, best):
+            return None  # nothing to extend
         wanted = run_config.read_toml(self.config).get("epochs", MusicTrainConfig.epochs)
         if type(wanted) is not int:
             raise ConfigError(f"'epochs' in {self.config} must be an integer, got {wanted!r}")
